@@ -1,0 +1,31 @@
+# `make test` and `make demo` work on a fresh clone: they create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch is installed first: a bare `torch` requirement could otherwise pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: test demo lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check gpt2_scratch tests benchmarks training
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(PY) -m gpt2_scratch.demo
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check gpt2_scratch tests benchmarks training
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,163 @@
+"""`gpt2-scratch` command line: convert checkpoints, generate text, list presets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .configuration_gpt2_scratch import PRESETS, GPT2ScratchConfig
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def count_parameters(config: GPT2ScratchConfig) -> int:
+    """Unique parameters of the causal LM for `config` (tied embeddings counted once), built on the meta device so
+    even gpt2-xl costs no memory."""
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+    with torch.device("meta"):
+        return GPT2ScratchForCausalLM(config).num_parameters()
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    print(f"{'preset':12s} {'vocab':>6s} {'context':>7s} {'emb_dim':>7s} {'heads':>5s} {'layers':>6s} "
+          f"{'params (qkv_bias False)':>24s} {'params (qkv_bias True)':>23s}")
+    for name, fields in PRESETS.items():
+        counts = [count_parameters(GPT2ScratchConfig.from_preset(name, qkv_bias=b)) for b in (False, True)]
+        print(f"{name:12s} {fields['vocab_size']:6d} {fields['context_length']:7d} {fields['emb_dim']:7d} "
+              f"{fields['n_heads']:5d} {fields['n_layers']:6d} {counts[0]:24,d} {counts[1]:23,d}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import convert_directory
+
+    source, to_stock = (args.from_hf, False) if args.from_hf else (args.to_hf, True)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+    convert_directory(source, out, to_stock=to_stock)
+    kind = "stock transformers GPT2LMHeadModel" if to_stock else "gpt2_scratch GPT2ScratchForCausalLM"
+    print(f"wrote {kind} to {out}")
+
+
+def load_for_generation(model_dir: str):
+    """Model and tokenizer from a folder, through the Auto classes, exactly as any transformers user would."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: not a model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(f"--model {model_dir}: no usable tokenizer in the folder ({error})") from error
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from transformers import TextStreamer, set_seed
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    model, tokenizer = load_for_generation(args.model)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    if prompt_len == 0:
+        raise UsageError("--prompt is empty; give at least one token of text")
+    context = model.config.max_position_embeddings
+    if prompt_len + args.max_new_tokens > context:
+        raise UsageError(
+            f"prompt ({prompt_len} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of "
+            f"{context} tokens; shorten the prompt or ask for at most {max(context - prompt_len, 0)} new tokens"
+        )
+    set_seed(args.seed)
+    sampling = args.temperature > 0
+    streamer = TextStreamer(tokenizer) if args.stream else None
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sampling,
+            temperature=args.temperature if sampling else None,
+            top_k=args.top_k if sampling else None,
+            top_p=args.top_p if sampling else None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            streamer=streamer,
+        )
+    if not args.stream:  # the streamer has already printed prompt and completion
+        print(tokenizer.decode(output[0], skip_special_tokens=True))
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from .data import load_corpus
+    from .tokenizer import train_and_report
+
+    corpus = load_corpus(args.corpus)  # train = the first 90% of the text, validation = the rest
+    report = train_and_report(corpus["train"], corpus["validation"]["text"], args.vocab_size, args.min_frequency,
+                              args.out)
+    print(f"vocabulary: {report.vocab_size} tokens | validation: {report.bytes_per_token:.3f} bytes/token | "
+          f"trained in {report.seconds:.1f} s | saved to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2-scratch", description="GPT-2 from scratch, Hugging Face compatible.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    presets = commands.add_parser("presets", help="list model presets with their parameter counts")
+    presets.set_defaults(run=cmd_presets)
+
+    convert = commands.add_parser("convert", help="convert between stock GPT-2 and gpt2_scratch checkpoints")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="SRC", help="stock transformers GPT-2 folder → gpt2_scratch folder")
+    direction.add_argument("--to-hf", metavar="SRC", help="gpt2_scratch folder → stock transformers GPT-2 folder")
+    convert.add_argument("--out", required=True, metavar="DST", help="output folder")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it already has files")
+    convert.set_defaults(run=cmd_convert)
+
+    tokenizer = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer.add_argument("--corpus", required=True, metavar="NAME_OR_PATH",
+                           help="a named corpus (shakespeare), a text file, or a folder of *.txt files")
+    tokenizer.add_argument("--vocab-size", type=int, required=True)
+    tokenizer.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often")
+    tokenizer.add_argument("--out", required=True, metavar="DIR")
+    tokenizer.set_defaults(run=cmd_train_tokenizer)
+
+    generate = commands.add_parser("generate", help="generate text from a saved model folder")
+    generate.add_argument("--model", required=True, metavar="DIR", help="folder with config, weights and tokenizer")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=50)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy decoding")
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    generate.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    from .sources import SourceError
+
+    try:
+        run(args)
+    except (UsageError, ValueError, FileNotFoundError, SourceError) as error:
+        print(f"gpt2-scratch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny configs, stock GPT-2 twins, a tokenizer folder, and a Python process that cannot see us."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from gpt2_scratch import GPT2ScratchConfig
+
+# Never reach for the Hub from tests; keep transformers' module cache out of the user's home.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "
+    "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. "
+) * 20
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+
+
+def tiny_config(**overrides) -> GPT2ScratchConfig:
+    fields = dict(vocab_size=320, context_length=64, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0)
+    return GPT2ScratchConfig(**{**fields, **overrides})
+
+
+def stock_gpt2(seed: int = 0, qkv_bias: bool = True, **overrides) -> GPT2LMHeadModel:
+    """A transformers GPT2LMHeadModel in eval mode with every tensor random (GPT-2's init leaves biases at zero and
+    norms at one, which would hide a mapping mistake); `qkv_bias=False` zeroes the query/key/value biases."""
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=320, n_positions=64, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(GPT2Config(**{**fields, **overrides})).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                param.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.1)
+            if name.endswith("c_attn.bias") and not qkv_bias:
+                param.zero_()
+    return model
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few lines, with <|endoftext|> as id 0 (as the stock twins' eos)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where `import gpt2_scratch` fails, as for a user who only has the folder."""
+    prelude = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "gpt2_scratch" or name.startswith("gpt2_scratch."):
+                    raise ImportError("gpt2_scratch is hidden in this process")
+        sys.meta_path.insert(0, _Block())
+        try:
+            import gpt2_scratch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("gpt2_scratch must not be importable here")
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))
