@@ -63,7 +63,7 @@ def load_corpus(spec: str, text_column: str = "text", seed: int = 0) -> DatasetD
             return split_characters("".join(read_text_file(f) for f in files))
         dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
         return with_validation(select_text(dataset, text_column, spec), seed)
-    if "/" not in spec and not spec.replace("-", "").replace("_", "").isalnum():
+    if not looks_like_hub_id(spec):
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a named corpus ({', '.join(LOADERS)})")
     try:
         hub = load_dataset(spec)
@@ -76,6 +76,12 @@ def load_corpus(spec: str, text_column: str = "text", seed: int = 0) -> DatasetD
         return DatasetDict(train=select_text(hub["train"], text_column, spec),
                            validation=select_text(hub["validation"], text_column, spec))
     return with_validation(select_text(hub["train"], text_column, spec), seed)
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """`name` or `owner/name`: not absolute or relative, no file suffix (otherwise it is a missing local path)."""
+    return (not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 and Path(spec).suffix not in BUILDERS
+            and spec.replace("/", "").replace("-", "").replace("_", "").replace(".", "").isalnum())
 
 
 def select_text(dataset: Dataset, text_column: str, where: str) -> Dataset:

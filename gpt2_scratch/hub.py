@@ -1,0 +1,84 @@
+"""Hub-ready output: a model card rendered from `model_cards/`, a loss curve, and `push_to_hub`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import filter_repo_objects
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
+NOT_UPLOADED = ["checkpoint-*", ".checkpoint-*", "*.partial*", ".*"]
+
+
+def render_model_card(
+    template: str,
+    *,
+    repo_id: str,
+    dataset: str,
+    metrics: dict[str, float],
+    pipeline_tag: str,
+    license: str,
+    training_config: dict,
+    **fields: object,
+) -> ModelCard:
+    """Card with YAML metadata (library, pipeline, tags, dataset, licence, measured metrics) and the template's text."""
+    local = Path(dataset).exists()
+    hub_dataset = dataset if "/" in dataset and not local else None  # only Hub ids belong in `datasets` metadata
+    dataset = Path(dataset).name if local else dataset
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license=license,
+        tags=["gpt2-scratch", "gpt2", "custom_code"],
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=repo_id,
+        eval_results=[
+            EvalResult(task_type=pipeline_tag, dataset_type=hub_dataset or dataset, dataset_name=dataset,
+                       dataset_split="validation", metric_type=name.split("/")[-1], metric_value=round(value, 6))
+            for name, value in metrics.items()
+        ],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / template),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        dataset=dataset,
+        metrics=metrics,
+        training_config=json.dumps(training_config, indent=2, sort_keys=True, default=str),
+        **fields,
+    )
+
+
+def save_loss_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]
+    evals = [(h["step"], h["eval/loss"]) for h in history if "eval/loss" in h]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for points, label, style in ((train, "train", "-"), (evals, "validation", "o-")):
+        if points:
+            axes.plot(*zip(*points), style, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (nats per token)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def push_folder(folder: Path, repo_id: str) -> str:
+    """Create the repo if needed and upload the folder, checkpoints excluded; returns the repo's URL."""
+    api = HfApi()
+    url = api.create_repo(repo_id, exist_ok=True)
+    files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path))
+                  for path in filter_repo_objects(files, ignore_patterns=NOT_UPLOADED)]
+    api.create_commit(repo_id, operations=operations, commit_message="Upload gpt2-scratch model")
+    return str(url)

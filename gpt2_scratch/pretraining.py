@@ -1,0 +1,258 @@
+"""Pretraining a GPT-2 on a text corpus: what `training/pretrain.py` runs.
+
+corpus (named source, local files or Hub) → tokenizer (saved, OpenAI's GPT-2 BPE, or trained on the train split)
+→ token blocks → `TrainingLoop` → a folder with the model, tokenizer, model card, loss curve and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
+
+from .configuration_gpt2_scratch import PRESETS, GPT2ScratchConfig
+from .data import (
+    evaluation_windows,
+    flat_tokens,
+    load_corpus,
+    local_files,
+    pack_blocks,
+    streaming_blocks,
+    token_byte_lengths,
+    tokenize_lines,
+)
+from .hub import push_folder, render_model_card, save_loss_curve
+from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from .sources import cache_root
+from .tokenizer import load_gpt2_tokenizer, train_tokenizer
+from .training import TrainingLoop, add_training_arguments, check_training_arguments, make_accelerator
+
+MODEL_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Pretrain a GPT-2 from scratch with Accelerate.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="shakespeare",
+                      help="a named corpus (shakespeare), a .txt/.json/.jsonl/.csv/.parquet file or folder, or a "
+                           "Hub dataset name")
+    data.add_argument("--text_column", default="text")
+    data.add_argument("--streaming", action="store_true",
+                      help="tokenise and pack on the fly (local files or Hub); needs --tokenizer and --max_steps")
+    data.add_argument("--streaming_eval_blocks", type=int, default=16,
+                      help="with --streaming: the first N blocks of the stream are the validation split")
+    data.add_argument("--tokenizer", default=None,
+                      help="a saved tokenizer folder, or 'gpt2' for OpenAI's BPE; default: train one on the "
+                           "train split")
+    data.add_argument("--tokenizer_vocab_size", type=int, default=8192, help="size of a tokenizer trained here")
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="cpu-10m", choices=list(PRESETS))
+    for name in MODEL_FIELDS:
+        model.add_argument(f"--{name}", type=float if name == "drop_rate" else int, default=None,
+                           help="override the preset (vocab_size defaults to the tokenizer's size)")
+    model.add_argument("--qkv_bias", action="store_true")
+    model.add_argument("--license", default="mit", help="licence recorded in the model card")
+    model.add_argument("--prompt", default="ROMEO:", help="example prompt for the model card")
+    add_training_arguments(parser)
+    return parser
+
+
+def get_tokenizer(args: argparse.Namespace, train_texts) -> PreTrainedTokenizerBase:
+    if args.tokenizer == "gpt2":
+        return load_gpt2_tokenizer()
+    if args.tokenizer:
+        if not Path(args.tokenizer).is_dir():
+            raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such folder (save one with save_pretrained, "
+                                    "or pass 'gpt2')")
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    if train_texts is None:
+        raise ValueError("--streaming needs a ready tokenizer: pass --tokenizer DIR or --tokenizer gpt2")
+    return train_tokenizer(train_texts, args.tokenizer_vocab_size, show_progress=False)
+
+
+def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> GPT2ScratchConfig:
+    overrides = {name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name) is not None}
+    overrides.setdefault("vocab_size", len(tokenizer))
+    if len(tokenizer) > overrides["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{overrides['vocab_size']}; raise --vocab_size or use a smaller tokenizer")
+    return GPT2ScratchConfig.from_preset(args.preset, qkv_bias=args.qkv_bias, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, **overrides)
+
+
+def cached_tokens(split, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """All tokens of a split, tokenised with `datasets.map` once and cached by (text, tokenizer) content."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    for text in split["text"]:
+        digest.update(text.encode("utf-8"))
+    path = cache_root() / "tokens" / f"{digest.hexdigest()[:32]}.npy"
+    if path.is_file():
+        return np.load(path)
+    tokens = flat_tokens(tokenize_lines(split, tokenizer))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, tokens)
+    tmp.replace(path)
+    return tokens
+
+
+class BlockStream(torch.utils.data.IterableDataset):
+    """Training blocks straight from the files, after the first `skip` blocks (the validation split)."""
+
+    def __init__(self, make_blocks: Callable[[], Iterator[dict]], skip: int) -> None:
+        self.make_blocks, self.skip = make_blocks, skip
+
+    def __iter__(self) -> Iterator[dict]:
+        for block in itertools.islice(self.make_blocks(), self.skip, None):
+            yield {"input_ids": torch.tensor(block["input_ids"])}
+
+
+def prepare_data(args, accelerator: Accelerator):
+    """(tokenizer, training dataset, validation tokens, description of the data)."""
+    if args.streaming:
+        path = Path(args.dataset)
+        if not path.exists():
+            raise FileNotFoundError(f"--streaming reads local files here: {args.dataset} does not exist")
+        builder, files = local_files(path)
+        tokenizer = get_tokenizer(args, None)
+        block = args.context_length or PRESETS[args.preset]["context_length"]
+
+        def make_blocks() -> Iterator[dict]:
+            return streaming_blocks(files, builder, tokenizer, block, args.text_column)
+
+        eval_blocks = [b["input_ids"] for b in itertools.islice(make_blocks(), args.streaming_eval_blocks)]
+        if len(eval_blocks) < args.streaming_eval_blocks:
+            raise ValueError(f"{args.dataset} holds fewer than {args.streaming_eval_blocks + 1} blocks of {block} "
+                             "tokens: too little text to stream")
+        return tokenizer, BlockStream(make_blocks, args.streaming_eval_blocks), np.concatenate(eval_blocks)
+    with accelerator.main_process_first():  # the main process downloads and tokenises; the others read the cache
+        corpus = load_corpus(args.dataset, args.text_column, args.seed)
+        tokenizer = get_tokenizer(args, corpus["train"])
+        train_tokens = cached_tokens(corpus["train"], tokenizer)
+        validation_tokens = cached_tokens(corpus["validation"], tokenizer)
+    block = args.context_length or PRESETS[args.preset]["context_length"]
+    blocks = pack_blocks(train_tokens, block, f"the training split of {args.dataset}").with_format("torch")
+    return tokenizer, blocks, validation_tokens
+
+
+def language_model_evaluator(
+    tokens: np.ndarray, byte_lengths: np.ndarray, block_size: int, batch_size: int, accelerator: Accelerator
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """Loss per token, perplexity and bits per byte over the whole validation split, shared across processes."""
+    windows = evaluation_windows(tokens, block_size)
+    mine = windows[accelerator.process_index :: accelerator.num_processes]
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        nll = torch.zeros((), dtype=torch.float64)
+        scored = torch.zeros((), dtype=torch.float64)
+        scored_bytes = torch.zeros((), dtype=torch.float64)
+        for _, group in itertools.groupby(mine, key=len):  # equal-length windows batch together
+            group = list(group)
+            for start in range(0, len(group), batch_size):
+                ids = torch.as_tensor(np.stack(group[start : start + batch_size]), device=accelerator.device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                targets = ids[:, 1:]
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+                scored += targets.numel()
+                scored_bytes += float(byte_lengths[targets.cpu().numpy()].sum())
+        nll, scored, scored_bytes = (accelerator.reduce(t.to(accelerator.device), "sum").item()
+                                     for t in (nll, scored, scored_bytes))
+        loss = nll / scored
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+                "eval/bits_per_byte": nll / math.log(2) / scored_bytes}
+
+    return evaluate
+
+
+def steps_for_budget(config: GPT2ScratchConfig, batch_size: int, minutes: float, trials: int = 3) -> int:
+    """Optimizer steps that fit in `minutes` on this machine, from timing a few real steps of this model (the
+    cosine schedule should reach its end within the budget, not be cut off half-way)."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, config.vocab_size, (batch_size, config.context_length))
+    timings = []
+    for _ in range(trials + 1):  # the first step pays for allocation and kernel selection
+        start = time.perf_counter()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - start)
+    return max(1, int(minutes * 60 / min(timings[1:]) * 0.95))
+
+
+def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
+    ids = torch.stack([row["input_ids"] for row in rows])
+    return {"input_ids": ids, "labels": ids}  # the model shifts labels itself
+
+
+def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedTokenizerBase, args, result) -> None:
+    """Write into a hidden folder, then move files in with config.json last: the folder loads only when complete."""
+    staging = out / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    tokenizer.model_max_length = model.config.context_length
+    tokenizer.save_pretrained(staging)
+    metrics = {k.split("/")[-1]: v for k, v in result.metrics.items()}
+    summary = (f"{result.progress.step} optimizer steps in {result.seconds / 60:.1f} minutes"
+               f"{' (stopped by --max_train_minutes)' if result.stopped_early else ''}, batch "
+               f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
+               f"{model.config.context_length} tokens per process, AdamW lr {args.learning_rate} with warmup + "
+               f"cosine decay, weight decay {args.weight_decay}, mixed precision {args.mixed_precision}.")
+    card = render_model_card(
+        "causal_lm.md", repo_id=args.hub_model_id or f"gpt2-scratch-{Path(args.dataset).stem}",
+        dataset=args.dataset, metrics=metrics, pipeline_tag="text-generation", license=args.license,
+        training_config={k: v for k, v in vars(args).items() if k not in ("push_to_hub",)},
+        parameters=f"{model.num_parameters():,}", prompt=args.prompt, training_summary=summary,
+    )
+    card.save(staging / "README.md")
+    save_loss_curve(result.progress.history, staging / "loss_curve.png")
+    (staging / "metrics.json").write_text(json.dumps(
+        {**metrics, "steps": result.progress.step, "train_seconds": result.seconds}, indent=2))
+    for file in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        file.replace(out / file.name)
+    staging.rmdir()
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    check_training_arguments(args)
+    if args.streaming and args.max_steps <= 0:
+        raise ValueError("--streaming has no epochs to count: give --max_steps")
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    tokenizer, train_data, validation_tokens = prepare_data(args, accelerator)
+    config = build_config(args, tokenizer)
+    model = GPT2ScratchForCausalLM(config)
+    evaluate = language_model_evaluator(validation_tokens, token_byte_lengths(tokenizer), config.context_length,
+                                        args.per_device_eval_batch_size or args.per_device_train_batch_size,
+                                        accelerator)
+    loop = TrainingLoop(accelerator, args, model, train_data, collate_blocks, evaluate)
+    accelerator.init_trackers("runs", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
+    accelerator.print(f"model: {model.num_parameters():,} parameters ({args.preset}, vocab {config.vocab_size}, "
+                      f"context {config.context_length}); {loop.total_steps} optimizer steps on "
+                      f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}")
+    result = loop.run()
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        save_output(out, accelerator.unwrap_model(loop.model), tokenizer, args, result)
+        print(f"saved to {out}: validation bits per byte {result.metrics['eval/bits_per_byte']:.4f}")
+        if args.push_to_hub:
+            print(f"pushed to {push_folder(out, args.hub_model_id)}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers and the process group: last
+    return result.metrics
+

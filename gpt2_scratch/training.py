@@ -1,0 +1,264 @@
+"""The training loop every script shares: arguments, AdamW + warmup/cosine, accumulation, clipping, evaluation,
+atomic checkpoints with exact resume, a wall-clock budget, TensorBoard, and the Hub-ready output folder.
+
+Accelerate does the distribution (`python script.py` or `accelerate launch [--num_processes 2 --cpu] script.py`),
+mixed precision and state saving; this module only decides *what* happens at each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+PROGRESS_FILE = "progress.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by all training scripts, named as in transformers' `TrainingArguments`."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", required=True)
+    group.add_argument("--per_device_train_batch_size", type=int, default=8)
+    group.add_argument("--per_device_eval_batch_size", type=int, default=None, help="default: the training size")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=6e-4)
+    group.add_argument("--weight_decay", type=float, default=0.1)
+    group.add_argument("--warmup_steps", type=int, default=0)
+    group.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs")
+    group.add_argument("--num_train_epochs", type=float, default=1.0)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
+    group.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    group.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
+    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    group.add_argument("--max_train_minutes", type=float, default=None, help="stop cleanly after this long, and save")
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", default=None)
+
+
+def check_training_arguments(args: argparse.Namespace) -> None:
+    positive = ("per_device_train_batch_size", "gradient_accumulation_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0):
+        raise ValueError("nothing to train: give --max_steps > 0 or --num_train_epochs > 0")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-scratch-shakespeare)")
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Entry point of a training script: bad input is one line on stderr and exit status 2, not a traceback."""
+    from .sources import SourceError
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, SourceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without GPUs: Accelerate joins them
+    # with gloo on the CPU only when told to use the CPU; otherwise each process would train alone.
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(
+        cpu=cpu_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard",
+        project_dir=args.output_dir,
+        # The shuffling order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the matmul weights only: biases, norm scales/shifts and embeddings are not regularised towards 0."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (a complete one has been renamed into place)."""
+    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
+             if (m := CHECKPOINT.match(p.name)) and (p / PROGRESS_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    history: list[dict] = field(default_factory=list)  # logged losses and evaluations, for the curve
+
+
+@dataclass
+class LoopResult:
+    progress: Progress
+    metrics: dict[str, float]
+    stopped_early: bool
+    seconds: float
+
+
+class TrainingLoop:
+    """One optimisation run: `run()` trains, evaluates, checkpoints and returns the final metrics."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        args: argparse.Namespace,
+        model: nn.Module,
+        train_dataset: torch.utils.data.Dataset,
+        collate_fn: Callable,
+        evaluate: Callable[[nn.Module], dict[str, float]],
+    ) -> None:
+        self.accelerator, self.args, self.evaluate = accelerator, args, evaluate
+        self.output_dir = Path(args.output_dir)
+        streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
+        # Its own generator: creating a batch iterator must not consume the global RNG that dropout draws from.
+        loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
+                            collate_fn=collate_fn, drop_last=True,
+                            generator=None if streaming else torch.Generator().manual_seed(args.seed))
+        optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                      betas=(0.9, 0.95))
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        if streaming:  # no length: the run is counted in steps only
+            self.total_steps = args.max_steps
+        else:
+            batches_per_epoch = len(self.loader)
+            if batches_per_epoch < args.gradient_accumulation_steps:
+                raise ValueError(
+                    f"the training split gives {batches_per_epoch} batches per process, fewer than one optimizer "
+                    f"step ({args.gradient_accumulation_steps} accumulated batches); lower the batch size or add data"
+                )
+            steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+            self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+                args.num_train_epochs * steps_per_epoch)
+        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, args.warmup_steps * accelerator.num_processes, self.total_steps * accelerator.num_processes)
+        self.scheduler = accelerator.prepare(scheduler)
+        self.progress = Progress()
+
+    def save_checkpoint(self) -> Path:
+        """`accelerator.save_state` into a hidden folder, then one rename: a kill never leaves a partial checkpoint
+        that looks complete (`latest_checkpoint` only sees renamed folders with their progress file)."""
+        final = self.output_dir / f"checkpoint-{self.progress.step}"
+        partial = self.output_dir / f".checkpoint-{self.progress.step}.partial"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (partial / PROGRESS_FILE).write_text(json.dumps(self.progress.__dict__))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, where: str) -> None:
+        checkpoint = latest_checkpoint(self.output_dir) if where == "latest" else Path(where)
+        if checkpoint is None or not (checkpoint / PROGRESS_FILE).is_file():
+            raise ValueError(f"--resume_from_checkpoint {where}: no complete checkpoint found in {self.output_dir}"
+                             if where == "latest" else f"--resume_from_checkpoint {where}: not a complete checkpoint")
+        self.accelerator.load_state(str(checkpoint))
+        self.progress = Progress(**json.loads((checkpoint / PROGRESS_FILE).read_text()))
+        self.accelerator.print(f"resumed from {checkpoint} at step {self.progress.step}")
+
+    def log(self, values: dict[str, float]) -> None:
+        self.progress.history.append({"step": self.progress.step, **values})
+        self.accelerator.log(values, step=self.progress.step)
+
+    def out_of_time(self, start: float) -> bool:
+        """All processes stop together: the slowest clock decides."""
+        if self.args.max_train_minutes is None:
+            return False
+        late = torch.tensor(float(time.monotonic() - start > self.args.max_train_minutes * 60))
+        return bool(self.accelerator.reduce(late, reduction="sum") > 0)
+
+    def run(self) -> LoopResult:
+        args, accelerator = self.args, self.accelerator
+        if args.resume_from_checkpoint:
+            self.resume(args.resume_from_checkpoint)
+        start = time.monotonic()
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, disable=not accelerator.is_local_main_process,
+                   desc="training")
+        stopped_early, running_loss, running_batches = False, 0.0, 0
+        self.model.train()
+        while self.progress.step < self.total_steps and not stopped_early:
+            self.loader.set_epoch(self.progress.epoch)
+            batches = accelerator.skip_first_batches(self.loader, self.progress.batches_in_epoch) \
+                if self.progress.batches_in_epoch else self.loader
+            for batch in batches:
+                with accelerator.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.progress.batches_in_epoch += 1
+                running_loss += loss.detach().float().item()
+                running_batches += 1
+                if not accelerator.sync_gradients:
+                    continue
+                self.progress.step += 1
+                bar.update(1)
+                if self.progress.step % args.logging_steps == 0:
+                    train_loss = running_loss / running_batches
+                    bar.set_postfix(loss=f"{train_loss:.3f}")
+                    self.log({"train/loss": train_loss, "train/lr": self.scheduler.get_last_lr()[0]})
+                    running_loss, running_batches = 0.0, 0
+                if args.eval_steps and self.progress.step % args.eval_steps == 0 \
+                        and self.progress.step < self.total_steps:
+                    self.run_evaluation()
+                stopped_early = self.out_of_time(start) and self.progress.step < self.total_steps
+                if args.save_steps and (self.progress.step % args.save_steps == 0 or stopped_early):
+                    self.save_checkpoint()
+                if self.progress.step >= self.total_steps or stopped_early:
+                    break
+            else:  # the epoch ran out
+                self.progress.epoch += 1
+                self.progress.batches_in_epoch = 0
+        bar.close()
+        seconds = time.monotonic() - start
+        if stopped_early:
+            accelerator.print(f"stopped at step {self.progress.step}/{self.total_steps}: "
+                              f"--max_train_minutes {args.max_train_minutes} reached")
+        metrics = self.run_evaluation()
+        return LoopResult(self.progress, metrics, stopped_early, seconds)
+
+    def run_evaluation(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            metrics = self.evaluate(self.accelerator.unwrap_model(self.model))
+        self.model.train()
+        self.log(metrics)
+        self.accelerator.print(f"step {self.progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics

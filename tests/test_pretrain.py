@@ -1,0 +1,217 @@
+"""training/pretrain.py end to end on tiny models: output folder, exact resume, SIGKILL, 2 processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEXT, assert_ok, run_without_package
+from safetensors.torch import load_file
+
+from gpt2_scratch.hub import push_folder
+from gpt2_scratch.training import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "training" / "pretrain.py"
+TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
+        "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+        "--warmup_steps", "2", "--logging_steps", "2", "--seed", "7", "--drop_rate", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "hamlet.txt"
+    path.write_text((TEXT.replace(". ", ".\n") + "\n") * 6)
+    return path
+
+
+def pretrain(args: list[str], launcher: list[str] | None = None, cache: Path | None = None,
+             **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    if cache:
+        env["GPT2_SCRATCH_CACHE"] = str(cache)
+    command = [*(launcher or [sys.executable]), str(SCRIPT), *args]
+    if popen:
+        return subprocess.Popen(command, env=env, cwd=ROOT, **popen)
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tmp_path_factory) -> Path:
+    """8 steps, checkpoint every 4, evaluation every 4: the reference every resume must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("full")
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(out), "--max_steps", "8", "--save_steps", "4",
+                       "--eval_steps", "4", *TINY])
+    assert_ok(result)
+    return out
+
+
+def test_output_folder_is_hub_ready(full_run, tmp_path):
+    names = {p.name for p in full_run.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_gpt2_scratch.py", "configuration_gpt2_scratch.py",
+            "tokenizer.json", "README.md", "loss_curve.png", "metrics.json", "checkpoint-4", "checkpoint-8",
+            "runs"} <= names
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and 0 < metrics["bits_per_byte"] < 20
+    card = (full_run / "README.md").read_text()
+    assert "library_name: transformers" in card and "pipeline_tag: text-generation" in card
+    assert "license: mit" in card and f"{metrics['bits_per_byte']:.4f}" in card and "trust_remote_code=True" in card
+    assert list((full_run / "runs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+    result = run_without_package(
+        f"""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(full_run)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(full_run)!r}, trust_remote_code=True)
+        ids = tokenizer("To be, or not", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == ids["input_ids"].shape[1] + 5
+        assert model.config.eos_token_id == tokenizer.eos_token_id == len(tokenizer) - 1
+        print("OK")
+        """,
+        cwd=tmp_path,
+    )
+    assert_ok(result)
+
+
+def test_resume_from_step_4_gives_the_uninterrupted_weights(full_run, corpus, tmp_path):
+    shutil.copytree(full_run / "checkpoint-4", tmp_path / "checkpoint-4")
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_steps", "8", "--save_steps",
+                       "4", "--eval_steps", "4", "--resume_from_checkpoint", "latest", *TINY])
+    assert_ok(result)
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    assert_same_weights(full_run, tmp_path)
+
+
+def test_partial_checkpoints_are_never_resumed(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "progress.json").write_text("{}")
+    (tmp_path / ".checkpoint-8.partial").mkdir()  # a save killed half-way
+    (tmp_path / "checkpoint-12").mkdir()  # renamed but without its progress file: not ours
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):
+    args = ["--dataset", str(corpus), "--max_steps", "60", "--save_steps", "2", *TINY]
+    reference = tmp_path / "reference"
+    assert_ok(pretrain([*args, "--output_dir", str(reference)]))
+
+    killed = tmp_path / "killed"
+    process = pretrain([*args, "--output_dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(killed) is None or latest_checkpoint(killed).name == "checkpoint-2":
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "config.json").exists()  # no final model: the run did not finish
+    last = latest_checkpoint(killed)
+    result = pretrain([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    assert_ok(result)
+    assert f"resumed from {last}" in result.stdout
+    assert_same_weights(reference, killed)
+
+
+def test_two_processes_with_accelerate_launch(corpus, tmp_path):
+    # On a machine without GPUs `--multi_gpu` starts the processes with torchrun; they train together over gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_steps", "4",
+                       "--save_steps", "2", *TINY], launcher=launcher)
+    assert_ok(result)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["bits_per_byte"] > 0
+    assert (tmp_path / "checkpoint-4" / "random_states_1.pkl").is_file()  # each process saved its RNG
+    assert "2 processes" in result.stdout
+
+
+def test_streaming_from_a_local_file(corpus, tmp_path, full_run):
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--streaming", "--tokenizer",
+                       str(full_run), "--streaming_eval_blocks", "4", "--max_steps", "3", *TINY])
+    assert_ok(result)
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
+
+
+def test_wall_clock_budget_stops_cleanly_and_saves(corpus, tmp_path):
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_steps", "100000",
+                       "--save_steps", "1000", "--max_train_minutes", "0.0001", *TINY])
+    assert_ok(result)
+    assert "--max_train_minutes 0.0001 reached" in result.stdout
+    steps = json.loads((tmp_path / "metrics.json").read_text())["steps"]
+    assert 1 <= steps < 100000 and latest_checkpoint(tmp_path) == tmp_path / f"checkpoint-{steps}"
+    assert "stopped by --max_train_minutes" in (tmp_path / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_folder_without_checkpoints(full_run, monkeypatch):
+    from huggingface_hub import HfApi, RepoUrl
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        uploaded["repo"] = repo_id
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        uploaded["files"] = sorted(op.path_in_repo for op in operations)
+        uploaded["card"] = next(Path(op.path_or_fileobj).read_text() for op in operations
+                                if op.path_in_repo == "README.md")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    assert push_folder(full_run, "someone/gpt2-scratch-test") == "https://huggingface.co/someone/gpt2-scratch-test"
+    files = uploaded["files"]
+    assert uploaded["repo"] == "someone/gpt2-scratch-test"
+    assert {"README.md", "config.json", "model.safetensors", "modeling_gpt2_scratch.py",
+            "configuration_gpt2_scratch.py", "tokenizer.json", "loss_curve.png", "metrics.json"} <= set(files)
+    assert any(f.startswith("runs/") for f in files)
+    assert not any(f.startswith("checkpoint-") for f in files)
+    assert uploaded["card"].startswith("---\n") and "pipeline_tag: text-generation" in uploaded["card"]
+
+
+BAD_CORPORA = {
+    "missing": (None, "missing.txt: no such file or folder"),
+    "empty": (b"", "empty.txt is empty"),
+    "latin": ("café ".encode("latin-1") * 50, "latin.txt is not UTF-8 text"),
+    "short": (b"To be, or not to be.\n" * 3, "fewer than one block of 32"),
+}
+
+
+def assert_clear_failure(result: subprocess.CompletedProcess, message: str, out: Path) -> None:
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("name", list(BAD_CORPORA))
+def test_bad_corpus_gives_one_clear_message(tmp_path, name):
+    content, message = BAD_CORPORA[name]
+    dataset = tmp_path / f"{name}.txt"
+    if content is not None:
+        dataset.write_bytes(content)
+    result = pretrain(["--dataset", str(dataset), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", *TINY])
+    assert_clear_failure(result, message, tmp_path / "out")
+
+
+def test_tokenizer_larger_than_the_model_is_refused(corpus, tmp_path):
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", *TINY,
+                       "--tokenizer", "gpt2", "--vocab_size", "300"])
+    assert_clear_failure(result, "the tokenizer has 50257 tokens but the model's vocab_size is 300", tmp_path / "out")
