@@ -194,6 +194,29 @@ def steps_for_budget(config: GPT2ScratchConfig, batch_size: int, minutes: float,
     return max(1, int(minutes * 60 / min(timings[1:]) * 0.95))
 
 
+# Recipes for shakespeare on a 2-core CPU, by training budget in minutes: model overrides of cpu-10m,
+# tokenizer size, batch size, peak learning rate. `make demo` uses the 10-minute one.
+# On this CPU many small steps beat few large ones: small models, short contexts, batch 12.
+RECIPES = {
+    1: (dict(emb_dim=128, n_heads=4, n_layers=4, context_length=64), 1024, 12, 3e-3),
+    10: (dict(emb_dim=192, n_heads=6, n_layers=6, context_length=128), 1024, 12, 2e-3),
+}
+
+
+def recipe_arguments(recipe: int, minutes: float, tokenizer_dir: Path) -> list[str]:
+    """training/pretrain.py arguments for a recipe, its step count fitted to `minutes` on this machine."""
+    model, vocab, batch, lr = RECIPES[recipe]
+    config = GPT2ScratchConfig.from_preset("cpu-10m", vocab_size=vocab, drop_rate=0.0, **model)
+    steps = steps_for_budget(config, batch, minutes)
+    args = ["--dataset", "shakespeare", "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
+            "--per_device_train_batch_size", str(batch), "--learning_rate", str(lr), "--weight_decay", "0.1",
+            "--warmup_steps", str(max(steps // 20, 1)), "--max_steps", str(steps), "--drop_rate", "0.0",
+            "--max_train_minutes", str(minutes), "--logging_steps", "25", "--seed", "1337"]
+    for name, value in model.items():
+        args += [f"--{name}", str(value)]
+    return args
+
+
 def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
     ids = torch.stack([row["input_ids"] for row in rows])
     return {"input_ids": ids, "labels": ids}  # the model shifts labels itself
