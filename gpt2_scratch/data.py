@@ -155,9 +155,11 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
 
 def streaming_blocks(files: list[Path], builder: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
                      text_column: str) -> Iterator[dict[str, list[int]]]:
-    """Blocks tokenised and packed on the fly from an `IterableDataset`: no preprocessing pass, bounded memory."""
-    stream = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
-    if builder != "text":
+    """Blocks tokenised and packed on the fly from an `IterableDataset`: no preprocessing pass, memory bounded by the
+    largest document. A .txt file is one document, as without streaming (shard big corpora into many files)."""
+    options = {"sample_by": "document"} if builder == "text" else {}
+    stream = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **options)
+    if builder != "text":  # a stream does not know its columns up front, so select_text cannot check them
         stream = stream.select_columns([text_column]).rename_column(text_column, "text") \
             if text_column != "text" else stream.select_columns(["text"])
     buffer: list[int] = []

@@ -151,6 +151,18 @@ def test_streaming_from_a_local_file(corpus, tmp_path, full_run):
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
 
 
+def test_streamed_blocks_are_the_files_tokens(corpus, full_run):
+    from transformers import AutoTokenizer
+
+    from gpt2_scratch.data import streaming_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(full_run)
+    blocks = [b["input_ids"] for b in streaming_blocks([corpus], "text", tokenizer, 32, "text")]
+    expected = tokenizer(corpus.read_text())["input_ids"] + [tokenizer.eos_token_id]
+    assert len(blocks) == len(expected) // 32
+    assert [i for block in blocks for i in block] == expected[: len(blocks) * 32]
+
+
 def test_wall_clock_budget_stops_cleanly_and_saves(corpus, tmp_path):
     result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_steps", "100000",
                        "--save_steps", "1000", "--max_train_minutes", "0.0001", *TINY])
