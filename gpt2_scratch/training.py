@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 PROGRESS_FILE = "progress.json"
+BEST_MODEL = "best_model.pt"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -45,7 +46,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     group.add_argument("--seed", type=int, default=42)
     group.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
+    group.add_argument("--eval_strategy", choices=["steps", "epoch"], default="steps",
+                       help="evaluate every --eval_steps steps, or at the end of every epoch (always at the end)")
     group.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    group.add_argument("--metric_for_best_model", default=None,
+                       help="keep the weights with the best value of this validation metric (e.g. f1, loss) and "
+                            "return to them at the end; default: keep the last weights")
+    group.add_argument("--greater_is_better", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                       help="whether a larger --metric_for_best_model is better (default: yes unless it is a loss)")
     group.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     group.add_argument("--logging_steps", type=int, default=10)
     group.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
@@ -114,6 +122,8 @@ class Progress:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     history: list[dict] = field(default_factory=list)  # logged losses and evaluations, for the curve
+    best_metric: float | None = None  # of --metric_for_best_model, with the step whose weights are in BEST_MODEL
+    best_step: int | None = None
 
 
 @dataclass
@@ -122,6 +132,20 @@ class LoopResult:
     metrics: dict[str, float]
     stopped_early: bool
     seconds: float
+
+
+def describe_run(args: argparse.Namespace, result: LoopResult, example: str) -> str:
+    """One paragraph for the model card: steps, time, batch and optimiser settings."""
+    return (f"{result.progress.step} optimizer steps in {result.seconds / 60:.1f} minutes"
+            f"{' (stopped by --max_train_minutes)' if result.stopped_early else ''}, batch "
+            f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {example} per "
+            f"process, AdamW lr {args.learning_rate} with warmup + cosine decay, weight decay {args.weight_decay}, "
+            f"mixed precision {args.mixed_precision}.")
+
+
+def public_arguments(args: argparse.Namespace) -> dict:
+    """The run's arguments for a model card or a tracker (no secrets are arguments; `push_to_hub` is not a setting)."""
+    return {k: v for k, v in vars(args).items() if k != "push_to_hub"}
 
 
 class TrainingLoop:
@@ -135,8 +159,12 @@ class TrainingLoop:
         train_dataset: torch.utils.data.Dataset,
         collate_fn: Callable,
         evaluate: Callable[[nn.Module], dict[str, float]],
+        compute_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     ) -> None:
+        """`evaluate(model)` returns validation metrics named "eval/<name>"; `compute_loss(model, batch)` replaces
+        the model's own loss (e.g. class-weighted cross-entropy)."""
         self.accelerator, self.args, self.evaluate = accelerator, args, evaluate
+        self.compute_loss = compute_loss or (lambda model, batch: model(**batch).loss)
         self.output_dir = Path(args.output_dir)
         streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
         # Its own generator: creating a batch iterator must not consume the global RNG that dropout draws from.
@@ -216,7 +244,7 @@ class TrainingLoop:
                 if self.progress.batches_in_epoch else self.loader
             for batch in batches:
                 with accelerator.accumulate(self.model):
-                    loss = self.model(**batch).loss
+                    loss = self.compute_loss(self.model, batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -246,12 +274,16 @@ class TrainingLoop:
             else:  # the epoch ran out
                 self.progress.epoch += 1
                 self.progress.batches_in_epoch = 0
+                if args.eval_strategy == "epoch" and self.progress.step < self.total_steps:
+                    self.run_evaluation()
         bar.close()
         seconds = time.monotonic() - start
         if stopped_early:
             accelerator.print(f"stopped at step {self.progress.step}/{self.total_steps}: "
                               f"--max_train_minutes {args.max_train_minutes} reached")
         metrics = self.run_evaluation()
+        if args.metric_for_best_model and self.progress.best_step != self.progress.step:
+            metrics = self.restore_best_model()
         return LoopResult(self.progress, metrics, stopped_early, seconds)
 
     def run_evaluation(self) -> dict[str, float]:
@@ -261,4 +293,36 @@ class TrainingLoop:
         self.model.train()
         self.log(metrics)
         self.accelerator.print(f"step {self.progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.args.metric_for_best_model:
+            self.keep_if_best(metrics)
         return metrics
+
+    def keep_if_best(self, metrics: dict[str, float]) -> None:
+        """Save the weights when the chosen validation metric improves (written aside, then renamed into place)."""
+        name = f"eval/{self.args.metric_for_best_model}"
+        if name not in metrics:
+            raise ValueError(f"--metric_for_best_model {self.args.metric_for_best_model}: the evaluation reports "
+                             f"{', '.join(k.split('/')[-1] for k in metrics)}")
+        greater = self.args.greater_is_better
+        if greater is None:
+            greater = "loss" not in name
+        best = self.progress.best_metric
+        if best is not None and not (metrics[name] > best if greater else metrics[name] < best):
+            return
+        self.progress.best_metric, self.progress.best_step = metrics[name], self.progress.step
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            partial = self.output_dir / f".{BEST_MODEL}.partial"
+            torch.save(self.accelerator.unwrap_model(self.model).state_dict(), partial)
+            partial.replace(self.output_dir / BEST_MODEL)
+        self.accelerator.wait_for_everyone()
+
+    def restore_best_model(self) -> dict[str, float]:
+        """Load the kept weights back; returns the metrics they were kept for."""
+        state = torch.load(self.output_dir / BEST_MODEL, map_location="cpu", weights_only=True)
+        self.accelerator.unwrap_model(self.model).load_state_dict(state)
+        kept = next(h for h in reversed(self.progress.history)
+                    if h["step"] == self.progress.best_step and f"eval/{self.args.metric_for_best_model}" in h)
+        self.accelerator.print(f"returned to the weights of step {self.progress.best_step} (best "
+                               f"{self.args.metric_for_best_model} {self.progress.best_metric:.4f})")
+        return {k: v for k, v in kept.items() if k.startswith("eval/")}

@@ -104,3 +104,28 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# On a machine without GPUs `--multi_gpu` starts the processes with torchrun; they train together over gloo.
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def run_training_script(script: str, args: list[str], launcher: list[str] | None = None, cache: Path | None = None,
+                        **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`python training/<script> args` (or under `launcher`), offline, unbuffered, without progress bars."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    if cache:
+        env["GPT2_SCRATCH_CACHE"] = str(cache)
+    command = [*(launcher or [sys.executable]), str(ROOT / "training" / script), *args]
+    if popen:
+        return subprocess.Popen(command, env=env, cwd=ROOT, **popen)
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def assert_clear_failure(result: subprocess.CompletedProcess, message: str, out: Path) -> None:
+    """Exit status 2, the message on stderr without a traceback, and no output folder that looks complete."""
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (out / "config.json").exists()

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT, assert_ok, run_without_package
+from conftest import (
+    TEXT,
+    TWO_PROCESSES,
+    assert_clear_failure,
+    assert_ok,
+    run_training_script,
+    run_without_package,
+)
 from safetensors.torch import load_file
 
 from gpt2_scratch.hub import push_folder
 from gpt2_scratch.training import latest_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "training" / "pretrain.py"
 TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
         "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
         "--warmup_steps", "2", "--logging_steps", "2", "--seed", "7", "--drop_rate", "0.1"]
@@ -35,13 +38,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def pretrain(args: list[str], launcher: list[str] | None = None, cache: Path | None = None,
              **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    if cache:
-        env["GPT2_SCRATCH_CACHE"] = str(cache)
-    command = [*(launcher or [sys.executable]), str(SCRIPT), *args]
-    if popen:
-        return subprocess.Popen(command, env=env, cwd=ROOT, **popen)
-    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return run_training_script("pretrain.py", args, launcher, cache, **popen)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -132,11 +129,8 @@ def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(corpus, 
 
 
 def test_two_processes_with_accelerate_launch(corpus, tmp_path):
-    # On a machine without GPUs `--multi_gpu` starts the processes with torchrun; they train together over gloo.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_steps", "4",
-                       "--save_steps", "2", *TINY], launcher=launcher)
+                       "--save_steps", "2", *TINY], launcher=TWO_PROCESSES)
     assert_ok(result)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["bits_per_byte"] > 0
@@ -205,12 +199,6 @@ BAD_CORPORA = {
     "latin": ("café ".encode("latin-1") * 50, "latin.txt is not UTF-8 text"),
     "short": (b"To be, or not to be.\n" * 3, "fewer than one block of 32"),
 }
-
-
-def assert_clear_failure(result: subprocess.CompletedProcess, message: str, out: Path) -> None:
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (out / "config.json").exists()
 
 
 @pytest.mark.parametrize("name", list(BAD_CORPORA))
