@@ -1,4 +1,4 @@
-"""`gpt2-scratch` command line: convert checkpoints, generate text, list presets."""
+"""`gpt2-scratch` command line: convert checkpoints, generate text, chat, train tokenizers, list presets."""
 
 from __future__ import annotations
 
@@ -99,6 +99,43 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(tokenizer.decode(output[0], skip_special_tokens=True))
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Read instructions line by line ("instruction" or "instruction || input"), answer each with the instruction
+    template, printing tokens as they come; an empty line or end of input quits."""
+    from transformers import TextStreamer, set_seed
+
+    from .instruction import format_prompt
+
+    model, tokenizer = load_for_generation(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        if not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise UsageError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    context = model.config.max_position_embeddings
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    set_seed(args.seed)
+    print("Type an instruction (add ' || ' and an input if it needs one); an empty line quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("instruction> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        instruction, _, text = line.partition(" || ")
+        ids = tokenizer(format_prompt(instruction.strip(), text.strip()), return_tensors="pt")
+        room = context - ids["input_ids"].shape[1]
+        if room < 1:
+            print(f"(too long: the prompt has {ids['input_ids'].shape[1]} tokens, the context {context})")
+            continue
+        with torch.no_grad():
+            model.generate(**ids, max_new_tokens=min(args.max_new_tokens, room), do_sample=args.temperature > 0,
+                           temperature=args.temperature or None, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.eos_token_id, streamer=streamer)
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from .data import load_corpus
     from .tokenizer import train_and_report
@@ -143,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="answer instructions interactively (Alpaca template), streaming tokens")
+    chat.add_argument("--model", required=True, metavar="DIR", help="a causal-LM folder (or a merged model)")
+    chat.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder trained on --model")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (the default)")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(run=cmd_chat)
     return parser
 
 

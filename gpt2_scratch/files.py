@@ -41,7 +41,7 @@ def replace_dir_atomically(out: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def staged_output(out: str | Path) -> Iterator[Path]:
     """Yield a hidden folder inside `out` to write a model folder into; on success its files move into `out` with
-    config.json last, so `from_pretrained(out)` never finds a half-written model. `out` may already hold checkpoints."""
+    the config last, so `from_pretrained(out)` never finds a half-written model. `out` may already hold checkpoints."""
     out = Path(out)
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -51,7 +51,7 @@ def staged_output(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for file in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+    for file in sorted(staging.iterdir(), key=lambda p: p.name in ("config.json", "adapter_config.json")):
         if file.is_dir():
             shutil.rmtree(out / file.name, ignore_errors=True)
         file.replace(out / file.name)

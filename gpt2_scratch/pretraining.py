@@ -210,12 +210,16 @@ RECIPES = {
 }
 
 
-def recipe_arguments(recipe: int, minutes: float, tokenizer_dir: Path) -> list[str]:
-    """training/pretrain.py arguments for a recipe, its step count fitted to `minutes` on this machine."""
-    model, vocab, batch, lr = RECIPES[recipe]
+def recipe_arguments(recipe: int, minutes: float, tokenizer_dir: Path, dataset: str = "shakespeare",
+                     **model_overrides: int) -> list[str]:
+    """training/pretrain.py arguments for a recipe (its model fields overridden by `model_overrides`), its step
+    count fitted to `minutes` on this machine."""
+    model, _, batch, lr = RECIPES[recipe]
+    model = {**model, **model_overrides}
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     config = GPT2ScratchConfig.from_preset("cpu-10m", vocab_size=vocab, drop_rate=0.0, **model)
     steps = steps_for_budget(config, batch, minutes)
-    args = ["--dataset", "shakespeare", "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
+    args = ["--dataset", dataset, "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
             "--per_device_train_batch_size", str(batch), "--learning_rate", str(lr), "--weight_decay", "0.1",
             "--warmup_steps", str(max(steps // 20, 1)), "--max_steps", str(steps), "--drop_rate", "0.0",
             "--max_train_minutes", str(minutes), "--logging_steps", "25", "--seed", "1337"]

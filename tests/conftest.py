@@ -129,3 +129,16 @@ def assert_clear_failure(result: subprocess.CompletedProcess, message: str, out:
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (out / "config.json").exists()
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    """A tiny causal-LM folder as training/pretrain.py writes it (model, code files, tokenizer), with room for the
+    instruction template in its context."""
+    from gpt2_scratch import GPT2ScratchForCausalLM
+
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    GPT2ScratchForCausalLM(tiny_config(context_length=256, eos_token_id=0, bos_token_id=0)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder

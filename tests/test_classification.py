@@ -16,14 +16,11 @@ from conftest import (
     TWO_PROCESSES,
     assert_clear_failure,
     assert_ok,
-    make_tokenizer,
     run_training_script,
     run_without_package,
-    tiny_config,
 )
 from safetensors.torch import load_file
 
-from gpt2_scratch import GPT2ScratchForCausalLM
 from gpt2_scratch.classification import (
     build_parser,
     classification_metrics,
@@ -56,17 +53,6 @@ def reviews(n: int, seed: int = 0) -> list[dict]:
         rows.append({"review": f"the play was {word} and the actors were {rng.choice(GOOD + BAD)} {i}",
                      "sentiment": "pos" if positive else "neg"})
     return rows
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny causal LM folder as training/pretrain.py writes it: model + tokenizer."""
-    folder = tmp_path_factory.mktemp("base")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    GPT2ScratchForCausalLM(tiny_config(eos_token_id=0, bos_token_id=0)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +119,7 @@ def test_best_validation_weights_are_the_ones_saved(base, labelled, tmp_path):
     splits, _ = prepare_labelled(load_splits(args), args)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    data = tokenize_labelled(splits, tokenizer, 64, Accelerator(cpu=True))
+    data = tokenize_labelled(splits, tokenizer, model.config.context_length, Accelerator(cpu=True))
     with torch.no_grad():
         metrics = classification_metrics(*predict(model, data["validation"], DataCollatorWithPadding(tokenizer), 16,
                                                   Accelerator(cpu=True)), "eval")

@@ -1,0 +1,182 @@
+"""training/finetune_instruction_lora.py on tiny models: prompt masking, the task generator, adapter and merged
+reloads in a fresh process, 2 processes, the chat CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TWO_PROCESSES, assert_clear_failure, assert_ok, run_training_script, run_without_package
+from transformers import AutoTokenizer
+
+from gpt2_scratch.instruction import PROMPT_NO_INPUT, build_parser, encode, format_prompt, run
+from gpt2_scratch.tasks import FAMILIES, make_tasks
+
+TINY = ["--tasks", "pluralise", "add", "--task_train_size", "24", "--task_test_size", "3",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--lora_r", "4", "--seed", "5",
+        "--max_new_tokens", "8", "--logging_steps", "2"]
+
+
+def lora(base: Path, out: Path, *extra: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    return run_training_script("finetune_instruction_lora.py", ["--model_name_or_path", str(base), "--output_dir",
+                                                                str(out), *TINY, *extra], launcher)
+
+
+@pytest.fixture(scope="module")
+def tuned(base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora")
+    result = lora(base, out, "--max_steps", "6", "--merge")
+    assert_ok(result)
+    return out
+
+
+def test_the_alpaca_template():
+    assert format_prompt("Sort the words.", "b, a") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSort the words.\n\n### Input:\nb, a\n\n### Response:\n")
+    assert format_prompt("Tell me a joke.") == format_prompt("Tell me a joke.", "  ") == PROMPT_NO_INPUT.format(
+        instruction="Tell me a joke.")
+
+
+def test_masking_puts_minus_100_exactly_on_the_prompt(base):
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    example = {"instruction": "Give the plural of the noun.", "input": "fox", "output": "foxes"}
+    prompt = tokenizer(format_prompt("Give the plural of the noun.", "fox"))["input_ids"]
+    response = tokenizer("foxes")["input_ids"]
+    masked = encode(example, tokenizer, mask_prompt=True)
+    assert masked["input_ids"] == prompt + response + [tokenizer.eos_token_id]
+    assert masked["labels"] == [-100] * len(prompt) + response + [tokenizer.eos_token_id]
+    assert masked["prompt_length"] == len(prompt)
+    assert encode(example, tokenizer, mask_prompt=False)["labels"] == masked["input_ids"]
+
+
+def test_task_generator_is_seeded_correct_and_holds_out_its_test_instances():
+    tasks = make_tasks(list(FAMILIES), 300, 20, seed=1)
+    assert tasks["train"].to_dict() == make_tasks(list(FAMILIES), 300, 20, seed=1)["train"].to_dict()
+    seen = set(zip(tasks["train"]["instruction"], tasks["train"]["input"]))
+    assert not any((r["instruction"], r["input"]) in seen for r in tasks["test"])
+    checks = {
+        "upper": lambda i, o: o == i.upper(), "lower": lambda i, o: o == i.lower(),
+        "title": lambda i, o: o == i.title(), "reverse_words": lambda i, o: o.split() == i.split()[::-1],
+        "count_words": lambda i, o: int(o) == len(i.split()),
+        "sort_words": lambda i, o: o.split(", ") == sorted(i.split(", ")),
+        "add": lambda i, o: int(o) == eval(i), "subtract": lambda i, o: int(o) == eval(i),  # noqa: S307 - our text
+        "pluralise": lambda i, o: o.endswith("s"), "first_sentence": lambda i, o: i.startswith(o) and o.endswith("."),
+    }
+    for row in tasks["test"]:
+        assert checks[row["task"]](row["input"], row["output"]), row
+    assert set(tasks["test"]["task"]) == set(FAMILIES)
+    with pytest.raises(ValueError, match="unknown task families \\['poetry'\\]"):
+        make_tasks(["poetry"], 1, 1, 0)
+
+
+def test_adapter_output_folder(tuned, base):
+    config = json.loads((tuned / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve()) and config["r"] == 4
+    assert (tuned / "adapter_model.safetensors").is_file() and (tuned / "merged" / "config.json").is_file()
+    card = (tuned / "README.md").read_text()
+    assert f"base_model: {base.resolve()}" in card and "library_name: peft" in card
+    predictions = [json.loads(line) for line in (tuned / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and set(predictions[0]) == {"task", "instruction", "input", "reference", "response"}
+    report = json.loads((tuned / "metrics.json").read_text())["test"]
+    assert set(report) == {"overall", "add", "pluralise"} and report["add"]["examples"] == 3
+    assert 0 <= report["overall"]["exact_match"] <= 1 and 0 <= report["overall"]["rouge_l"] <= 1
+
+
+def answered(tuned: Path) -> dict:
+    """A test record with a non-empty answer, to compare with answers produced elsewhere."""
+    rows = [json.loads(line) for line in (tuned / "eval_predictions.jsonl").read_text().splitlines()]
+    return next(row for row in rows if row["response"])
+
+
+def test_adapter_and_merged_model_reload_in_a_fresh_process(tuned, base):
+    first = answered(tuned)
+    prompt = format_prompt(first["instruction"], first["input"])
+    result = run_without_package(
+        f"""
+        import torch
+        from peft import AutoPeftModelForCausalLM, PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(tuned)!r})
+        ids = tokenizer({prompt!r}, return_tensors="pt")["input_ids"]
+        base = AutoModelForCausalLM.from_pretrained({str(base)!r}, trust_remote_code=True)
+        plain = base(ids).logits
+        adapter = PeftModel.from_pretrained(base, {str(tuned)!r}).eval()
+        auto = AutoPeftModelForCausalLM.from_pretrained({str(tuned)!r}, trust_remote_code=True).eval()
+        merged = AutoModelForCausalLM.from_pretrained({str(tuned / "merged")!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            a, b, m = adapter(ids).logits, auto(ids).logits, merged(ids).logits
+        assert torch.equal(a, b), "adapter loaded two ways differs"
+        assert torch.allclose(a, m, atol=1e-5), (a - m).abs().max()
+        assert not torch.allclose(a, plain, atol=1e-3), "the adapter changed nothing"
+        out = auto.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        row = out[0, ids.shape[1]:].tolist()
+        row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+        print("RESPONSE=" + repr(tokenizer.decode(row)))
+        """,
+        cwd=tuned,
+    )
+    assert_ok(result)
+    assert f"RESPONSE={first['response']!r}" in result.stdout  # the evaluation's answer, reproduced
+
+
+def test_chat_streams_the_same_answer_as_the_evaluation(tuned, base):
+    first = answered(tuned)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2_scratch.cli", "chat", "--model", str(base), "--adapter", str(tuned),
+         "--max-new-tokens", "8"], input=f"{first['instruction']} || {first['input']}\n\n", capture_output=True,
+        text=True, cwd=ROOT, timeout=300)
+    assert_ok(result)
+    assert result.stdout.startswith("instruction> " + first["response"]), result.stdout
+
+
+def test_two_processes_with_accelerate_launch(base, tmp_path):
+    result = lora(base, tmp_path, "--max_steps", "2", launcher=TWO_PROCESSES)
+    assert_ok(result)
+    assert len((tmp_path / "eval_predictions.jsonl").read_text().splitlines()) == 6  # both halves gathered
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = '{"instruction": "Say hi.", "input": "", "output": "hi"}'
+BAD_RECORDS = {
+    "malformed": ([GOOD, GOOD, '{"instruction": "Say hi.", "output": '], "records.jsonl, line 3: not valid JSON"),
+    "no instruction": ([GOOD, '{"prompt": "Say hi.", "output": "hi"}'],
+                       "records.jsonl, record 2: no 'instruction' field"),
+    "empty output": ([GOOD, '{"instruction": "Say hi.", "output": "  "}'], "record 2: empty 'output'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_records_are_refused_with_file_and_line(base, tmp_path, case):
+    lines, message = BAD_RECORDS[case]
+    data = write_jsonl(tmp_path / "records.jsonl", lines)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(build_parser().parse_args(["--model_name_or_path", str(base), "--dataset", str(data), "--output_dir",
+                                       str(tmp_path / "out"), "--max_steps", "1"]))
+
+
+def test_records_longer_than_the_context_are_skipped_and_counted(base, tmp_path):
+    records = [json.dumps({"instruction": f"Say {w}.", "output": w}) for w in ("hi", "yo", "hey", "ho", "ha")]
+    records.append(json.dumps({"instruction": "Say everything.", "output": "word " * 300}))
+    data = write_jsonl(tmp_path / "records.jsonl", records)
+    test = write_jsonl(tmp_path / "test.jsonl", [GOOD])
+    result = run_training_script("finetune_instruction_lora.py", [
+        "--model_name_or_path", str(base), "--dataset", str(data), "--test_file", str(test), "--output_dir",
+        str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2"])
+    assert_ok(result)
+    assert "train: skipped 1 of 6 records longer than the context of 256 tokens" in result.stdout
+
+
+def test_a_record_file_that_does_not_exist_exits_2(base, tmp_path):
+    result = lora(base, tmp_path / "out", "--dataset", str(tmp_path / "missing.jsonl"), "--max_steps", "1")
+    assert_clear_failure(result, "missing.jsonl: no such file", tmp_path / "out")
