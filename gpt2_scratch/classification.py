@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from peft import get_peft_model
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, set_seed
 
-from .data import local_files, looks_like_hub_id
+from .data import load_hub_dataset, local_files, looks_like_hub_id
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_confusion_matrix, save_loss_curve
 from .lora import add_lora_arguments, check_target_modules, lora_config, trainable_summary
@@ -90,11 +90,7 @@ def load_splits(args: argparse.Namespace) -> DatasetDict:
         return LABELLED[args.dataset[0]]()
     first = args.dataset[0]
     if len(args.dataset) == 1 and not Path(first).exists() and looks_like_hub_id(first):
-        try:
-            splits = load_dataset(first)
-        except Exception as error:  # noqa: BLE001 - the Hub client raises many types; all mean "cannot load"
-            raise ValueError(f"{first!r} is not a named source ({', '.join(LABELLED)}) or a local path, and loading "
-                             f"it as a Hub dataset failed: {error}") from error
+        splits = load_hub_dataset(first, f"a named source ({', '.join(LABELLED)}) or a local path")
         splits = DatasetDict({name: splits[name] for name in ("train", "validation", "test") if name in splits})
         if "train" not in splits:
             raise ValueError(f"Hub dataset {first} has no train split")

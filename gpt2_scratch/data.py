@@ -65,17 +65,19 @@ def load_corpus(spec: str, text_column: str = "text", seed: int = 0) -> DatasetD
         return with_validation(select_text(dataset, text_column, spec), seed)
     if not looks_like_hub_id(spec):
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a named corpus ({', '.join(LOADERS)})")
-    try:
-        hub = load_dataset(spec)
-    except Exception as error:  # noqa: BLE001 - the Hub client raises many types; all mean "cannot load"
-        raise ValueError(
-            f"{spec!r} is not a named corpus ({', '.join(LOADERS)}) or a local path, and loading it as a Hub dataset "
-            f"failed: {error}"
-        ) from error
+    hub = load_hub_dataset(spec, f"a named corpus ({', '.join(LOADERS)}) or a local path")
     if "validation" in hub:
         return DatasetDict(train=select_text(hub["train"], text_column, spec),
                            validation=select_text(hub["validation"], text_column, spec))
     return with_validation(select_text(hub["train"], text_column, spec), seed)
+
+
+def load_hub_dataset(spec: str, instead: str) -> DatasetDict:
+    """`datasets.load_dataset(spec)`, any failure reported as one ValueError that says what else `spec` is not."""
+    try:
+        return load_dataset(spec)
+    except Exception as error:  # noqa: BLE001 - the Hub client raises many types; all mean "cannot load"
+        raise ValueError(f"{spec!r} is not {instead}, and loading it as a Hub dataset failed: {error}") from error
 
 
 def looks_like_hub_id(spec: str) -> bool:

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from peft import PeftModel, get_peft_model
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase, set_seed
 
 from .classification import check_base
+from .data import load_hub_dataset
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_loss_curve
 from .lora import add_lora_arguments, check_target_modules, lora_config, trainable_summary
@@ -188,11 +189,7 @@ def load_instructions(args: argparse.Namespace) -> DatasetDict:
         splits = DatasetDict(train=records, test=load_files(args.test_file, args)) if args.test_file \
             else held_out_by_instruction(records, args.seed)
     else:
-        try:
-            hub = load_dataset(first)
-        except Exception as error:  # noqa: BLE001 - the Hub client raises many types; all mean "cannot load"
-            raise ValueError(f"{first!r} is not 'tasks', 'chatterbot' or a local file, and loading it as a Hub dataset "
-                             f"failed: {error}") from error
+        hub = load_hub_dataset(first, "'tasks', 'chatterbot' or a local file")
         records = {name: records_to_dataset(list(split), f"{first} ({name} split)", args) for name, split in
                    hub.items()}
         splits = DatasetDict(train=records["train"], test=records["test"]) if "test" in records \

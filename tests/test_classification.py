@@ -229,3 +229,11 @@ def test_rotten_tomatoes_source_is_a_clean_stratified_split():
         assert sum(split["label"]) / len(split) == pytest.approx(0.578, abs=0.002)  # positive share kept
     corpus = rotten_tomatoes_text()  # domain-adaptive pretraining never sees a test text
     assert not (set(corpus["train"]["text"]) | set(corpus["validation"]["text"])) & texts["test"]
+
+
+def test_an_unreachable_hub_dataset_is_one_clear_error(base, tmp_path):
+    # HF_HUB_OFFLINE is set for tests: the Hub client fails as it would without a network.
+    with pytest.raises(ValueError, match=re.escape("'someone/no-such-reviews' is not a named source (rotten_tomatoes) "
+                                                   "or a local path, and loading it as a Hub dataset failed")):
+        run(build_parser().parse_args(["--model_name_or_path", str(base), "--dataset", "someone/no-such-reviews",
+                                       "--output_dir", str(tmp_path / "out")]))
