@@ -1,14 +1,16 @@
 """Held-out exact match of LoRA instruction tuning on the verifiable task families, per family and overall.
 
-    .venv/bin/python benchmarks/bench_instruction.py                       # ~22 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_instruction.py --base runs/bench_classification/base   # ~11 minutes
+    .venv/bin/python benchmarks/bench_instruction.py --recipe 1 --out runs/bench_instruction_small   # ~17 minutes
+    .venv/bin/python benchmarks/bench_instruction.py --base runs/bench_instruction_small/base --lora_epochs 3 \
+        --out runs/bench_instruction_small3                                                        # ~11 minutes
 
 Default: a task-domain base. The training split of the generated tasks (2,000 instances per family, seed 1337; the
-held-out test instances are never in it) is written out as prompt + answer text; a 2,048-token BPE is trained on it
-and a GPT-2 pretrained on it with the 10-minute recipe (6 × 192, context 128, steps fitted to `--pretrain_minutes`).
+held-out test instances are never in it) is written out as prompt + answer text; a BPE (2,048 tokens asked for) is
+trained on it and a GPT-2 pretrained on it for `--pretrain_minutes` with the model of a pretraining recipe at context
+128 (`--recipe 10`: 6 x 192; `--recipe 1`: 4 x 128, more steps in the same time), steps fitted to the budget.
 With `--base DIR` an existing base is used instead (e.g. the review-pretrained model of bench_classification.py).
 Then `training/finetune_instruction_lora.py` trains LoRA (r 16 on the attention and MLP projections) on the same
-training split for one epoch, hard-stopped by `--minutes`, and answers the 50 held-out instances per family
+training split for `--lora_epochs`, hard-stopped by `--minutes`, and answers the 50 held-out instances per family
 (13 for `pluralise`) greedily. The `sentiment` family is left out: a review and the prompt do not fit in 128 tokens.
 Not a test: numbers depend on the machine.
 """
@@ -22,14 +24,14 @@ from pathlib import Path
 from bench_classification import run
 
 from gpt2_scratch.instruction import format_prompt
-from gpt2_scratch.pretraining import recipe_arguments
+from gpt2_scratch.pretraining import RECIPES, recipe_arguments
 from gpt2_scratch.tasks import FAMILIES, make_tasks
 from gpt2_scratch.tokenizer import train_tokenizer
 
 SEED, TRAIN_SIZE, TEST_SIZE = 1337, 2000, 50
 
 
-def pretrain_task_model(out: Path, minutes: float) -> Path:
+def pretrain_task_model(out: Path, minutes: float, recipe: int) -> Path:
     """A base pretrained on the text of the tasks' training split only."""
     train = make_tasks(list(FAMILIES), TRAIN_SIZE, TEST_SIZE, SEED)["train"]
     corpus = out / "task_train_text.jsonl"
@@ -42,7 +44,7 @@ def pretrain_task_model(out: Path, minutes: float) -> Path:
         texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
         train_tokenizer(texts, 2048, show_progress=False).save_pretrained(tokenizer_dir)
     run("pretrain.py", ["--output_dir", str(out / "base"), "--text_column", "text",
-                        *recipe_arguments(10, minutes, tokenizer_dir, dataset=str(corpus))])
+                        *recipe_arguments(recipe, minutes, tokenizer_dir, dataset=str(corpus), context_length=128)])
     return out / "base"
 
 
@@ -50,15 +52,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None, help="an existing base folder (default: pretrain a task-domain one)")
     parser.add_argument("--pretrain_minutes", type=float, default=10)
-    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--recipe", type=int, choices=sorted(RECIPES), default=10,
+                        help="model of the pretraining recipe (at context 128): 10 = 6 x 192, 1 = 4 x 128")
+    parser.add_argument("--minutes", type=float, default=10, help="LoRA training budget")
+    parser.add_argument("--lora_epochs", type=float, default=1)
     parser.add_argument("--out", default="runs/bench_instruction")
     args = parser.parse_args()
     out = Path(args.out)
-    base = Path(args.base) if args.base else pretrain_task_model(out, args.pretrain_minutes)
+    base = Path(args.base) if args.base else pretrain_task_model(out, args.pretrain_minutes, args.recipe)
     run("finetune_instruction_lora.py", [
         "--model_name_or_path", str(base), "--output_dir", str(out / "lora"), "--tasks", *FAMILIES,
-        "--task_train_size", str(TRAIN_SIZE), "--task_test_size", str(TEST_SIZE), "--num_train_epochs", "1",
-        "--max_train_minutes", str(args.minutes), "--seed", str(SEED)])
+        "--task_train_size", str(TRAIN_SIZE), "--task_test_size", str(TEST_SIZE), "--num_train_epochs",
+        str(args.lora_epochs), "--max_train_minutes", str(args.minutes), "--seed", str(SEED)])
     metrics = json.loads((out / "lora" / "metrics.json").read_text())
     print(f"\nbase {base}; held-out test instances, greedy decoding; {metrics['steps']} LoRA steps in "
           f"{metrics['train_seconds'] / 60:.1f} min\n")
