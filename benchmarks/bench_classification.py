@@ -1,7 +1,7 @@
 """Sentiment on `rotten_tomatoes` (test split): our GPT-2, pretrained and fine-tuned in 10 minutes each, against the
 majority class and TF-IDF + logistic regression, all computed here on the same split.
 
-    .venv/bin/python benchmarks/bench_classification.py     # ~25 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_classification.py     # ~17 minutes on 2 CPU cores
 
 1. A 4,096-token BPE is trained on the classification train split.
 2. Domain-adaptive pretraining: `training/pretrain.py --dataset rotten_tomatoes` (the train texts; validation texts
