@@ -142,7 +142,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
     corpus = load_corpus(args.corpus)  # train = the first 90% of the text, validation = the rest
     report = train_and_report(corpus["train"], corpus["validation"]["text"], args.vocab_size, args.min_frequency,
-                              args.out)
+                              args.out, args.isolate_spaces, args.split_digits)
     print(f"vocabulary: {report.vocab_size} tokens | validation: {report.bytes_per_token:.3f} bytes/token | "
           f"trained in {report.seconds:.1f} s | saved to {args.out}")
 
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a named corpus (shakespeare), a text file, or a folder of *.txt files")
     tokenizer.add_argument("--vocab-size", type=int, required=True)
     tokenizer.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often")
+    tokenizer.add_argument("--isolate-spaces", action="store_true",
+                           help="every space its own token, so a word is one token wherever it stands")
+    tokenizer.add_argument("--split-digits", action="store_true", help="one token per digit")
     tokenizer.add_argument("--out", required=True, metavar="DIR")
     tokenizer.set_defaults(run=cmd_train_tokenizer)
 

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a saved tokenizer folder, or 'gpt2' for OpenAI's BPE; default: train one on the "
                            "train split")
     data.add_argument("--tokenizer_vocab_size", type=int, default=8192, help="size of a tokenizer trained here")
+    data.add_argument("--tokenizer_isolate_spaces", action="store_true",
+                      help="a tokenizer trained here makes every space its own token")
+    data.add_argument("--tokenizer_split_digits", action="store_true",
+                      help="a tokenizer trained here gives every digit its own token")
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="cpu-10m", choices=list(PRESETS))
     for name in MODEL_FIELDS:
@@ -87,7 +91,8 @@ def get_tokenizer(args: argparse.Namespace, train_texts) -> PreTrainedTokenizerB
         return AutoTokenizer.from_pretrained(args.tokenizer)
     if train_texts is None:
         raise ValueError("--streaming needs a ready tokenizer: pass --tokenizer DIR or --tokenizer gpt2")
-    return train_tokenizer(train_texts, args.tokenizer_vocab_size, show_progress=False)
+    return train_tokenizer(train_texts, args.tokenizer_vocab_size, show_progress=False,
+                           isolate_spaces=args.tokenizer_isolate_spaces, split_digits=args.tokenizer_split_digits)
 
 
 def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> GPT2ScratchConfig:

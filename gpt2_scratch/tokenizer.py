@@ -28,10 +28,18 @@ BYTE_ALPHABET_SIZE = 256
 VERY_LARGE = int(1e30)  # transformers' "no limit" for model_max_length
 
 
-def byte_level(model: models.BPE) -> Tokenizer:
-    """A Tokenizer around `model` with GPT-2's pre-tokenisation regex and byte-to-unicode mapping."""
+def byte_level(model: models.BPE, isolate_spaces: bool = False, split_digits: bool = False) -> Tokenizer:
+    """A Tokenizer around `model` with GPT-2's pre-tokenisation regex and byte-to-unicode mapping.
+
+    GPT-2 glues a space to the word after it, so "cat" after a newline and " cat" after a space are unrelated tokens;
+    `isolate_spaces` makes every space its own token, so a word has one token wherever it stands (copying it is
+    then an identity). `split_digits` gives each digit its own token, so numbers are written digit by digit.
+    """
     tokenizer = Tokenizer(model)
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    steps = [pre_tokenizers.Split(" ", behavior="isolated")] if isolate_spaces else []
+    steps += [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [*steps, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
     return tokenizer
@@ -56,7 +64,9 @@ def with_endoftext_last(trained: Tokenizer) -> Tokenizer:
     vocab = {token: i - 1 for token, i in model["vocab"].items() if token != ENDOFTEXT}
     vocab[ENDOFTEXT] = len(vocab)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return byte_level(models.BPE(vocab=vocab, merges=merges))
+    rebuilt = byte_level(models.BPE(vocab=vocab, merges=merges))
+    rebuilt.pre_tokenizer = trained.pre_tokenizer
+    return rebuilt
 
 
 def safe_cut(before: str, after: str) -> bool:
@@ -119,6 +129,8 @@ def train_tokenizer(
     column: str = "text",
     show_progress: bool = True,
     model_max_length: int = VERY_LARGE,
+    isolate_spaces: bool = False,
+    split_digits: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a GPT-2-style byte-level BPE with `vocab_size` tokens (bytes + merges + `<|endoftext|>`).
 
@@ -141,7 +153,7 @@ def train_tokenizer(
                 # The trainer would count the letters of "<|endoftext|>" as text; it is a separator, never merged.
                 yield from piece.split(ENDOFTEXT)
 
-    tokenizer = byte_level(models.BPE())
+    tokenizer = byte_level(models.BPE(), isolate_spaces, split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -205,12 +217,15 @@ def train_and_report(
     vocab_size: int,
     min_frequency: int,
     out: str | Path,
+    isolate_spaces: bool = False,
+    split_digits: bool = False,
 ) -> TokenizerReport:
     """Train, save to `out` (complete or not at all), and measure bytes per token on the validation texts."""
     from .files import replace_dir_atomically
 
     start = time.perf_counter()
-    tokenizer = train_tokenizer(train, vocab_size, min_frequency)
+    tokenizer = train_tokenizer(train, vocab_size, min_frequency, isolate_spaces=isolate_spaces,
+                                split_digits=split_digits)
     seconds = time.perf_counter() - start
     report = TokenizerReport(len(tokenizer), bytes_per_token(tokenizer, validation), seconds)
     with replace_dir_atomically(out) as tmp:

@@ -20,6 +20,7 @@ from conftest import (
     run_without_package,
 )
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from gpt2_scratch.hub import push_folder
 from gpt2_scratch.training import latest_checkpoint
@@ -159,12 +160,15 @@ def test_streamed_blocks_are_the_files_tokens(corpus, full_run):
 
 def test_wall_clock_budget_stops_cleanly_and_saves(corpus, tmp_path):
     result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_steps", "100000",
-                       "--save_steps", "1000", "--max_train_minutes", "0.0001", *TINY])
+                       "--save_steps", "1000", "--max_train_minutes", "0.0001", "--tokenizer_isolate_spaces",
+                       "--tokenizer_split_digits", *TINY])
     assert_ok(result)
     assert "--max_train_minutes 0.0001 reached" in result.stdout
     steps = json.loads((tmp_path / "metrics.json").read_text())["steps"]
     assert 1 <= steps < 100000 and latest_checkpoint(tmp_path) == tmp_path / f"checkpoint-{steps}"
     assert "stopped by --max_train_minutes" in (tmp_path / "README.md").read_text()
+    saved = AutoTokenizer.from_pretrained(tmp_path)  # the tokenizer trained with the two options
+    assert saved.convert_ids_to_tokens(saved(" 42", add_special_tokens=False)["input_ids"]) == ["Ġ", "4", "2"]
 
 
 def test_push_to_hub_uploads_the_folder_without_checkpoints(full_run, monkeypatch):

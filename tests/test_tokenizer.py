@@ -11,7 +11,7 @@ import torch
 from conftest import TEXT, assert_ok, run_without_package
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import GPT2TokenizerFast
+from transformers import AutoTokenizer, GPT2TokenizerFast
 
 from gpt2_scratch.bpe import ReferenceBPE, bytes_to_unicode
 from gpt2_scratch.cli import main as cli
@@ -172,6 +172,24 @@ def test_bad_training_input(tmp_path):
         train_tokenizer(tmp_path / "missing.txt", 300, show_progress=False)
 
 
+def test_isolated_spaces_and_split_digits(tmp_path):
+    corpus = "the cat sat on the mat\ncat and mat 1234 + 56\n" * 50
+    tokenizer = train_tokenizer([corpus], 300, show_progress=False, isolate_spaces=True, split_digits=True)
+    word = tokenizer("cat", add_special_tokens=False)["input_ids"]
+    space, newline = (tokenizer(c, add_special_tokens=False)["input_ids"] for c in (" ", "\n"))
+    assert len(word) == 1 and len(space) == 1 and len(newline) == 1
+    # the same word gets the same token after a space, after a newline and at the start
+    assert tokenizer("mat cat\ncat", add_special_tokens=False)["input_ids"][1:] == space + word + newline + word
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("the cat 1234 + 56", add_special_tokens=False)["input_ids"])
+    assert tokens == ["the", "Ġ", "cat", "Ġ", "1", "2", "3", "4", "Ġ", "+", "Ġ", "5", "6"]
+    assert tokenizer.decode(tokenizer(VARIED)["input_ids"]) == VARIED
+    tokenizer.save_pretrained(tmp_path / "tok")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert reloaded(VARIED)["input_ids"] == tokenizer(VARIED)["input_ids"]
+    default = train_tokenizer([corpus], 300, show_progress=False)
+    assert default("mat cat", add_special_tokens=False)["input_ids"][1:] != word  # GPT-2's " cat" differs
+
+
 def test_train_tokenizer_cli(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(TEXT.replace(". ", ".\n"))
     assert cli(["train-tokenizer", "--corpus", str(tmp_path / "corpus.txt"), "--vocab-size", "300",
@@ -179,6 +197,10 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vocabulary: 300 tokens" in out and "bytes/token" in out
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    assert cli(["train-tokenizer", "--corpus", str(tmp_path / "corpus.txt"), "--vocab-size", "300",
+                "--isolate-spaces", "--split-digits", "--out", str(tmp_path / "apart")]) == 0
+    apart = AutoTokenizer.from_pretrained(tmp_path / "apart")
+    assert apart.convert_ids_to_tokens(apart(" 42", add_special_tokens=False)["input_ids"]) == ["Ġ", "4", "2"]
 
     (tmp_path / "empty.txt").write_text("")
     assert cli(["train-tokenizer", "--corpus", str(tmp_path / "empty.txt"), "--vocab-size", "300",
@@ -198,6 +220,7 @@ def test_gpt2_round_trips_any_unicode(gpt2, text):
 
 TRAINED = train_tokenizer([TEXT, VARIED], 400, show_progress=False)
 REFERENCE = ReferenceBPE.train([TEXT, VARIED], 400)
+APART = train_tokenizer([TEXT, VARIED], 400, show_progress=False, isolate_spaces=True, split_digits=True)
 
 
 @settings(max_examples=3000, deadline=None)
@@ -207,3 +230,4 @@ def test_trained_tokenizers_round_trip_any_unicode(text):
     assert TRAINED.decode(ids) == text
     assert REFERENCE.encode(text) == ids
     assert REFERENCE.decode(ids) == text
+    assert APART.decode(APART(text)["input_ids"]) == text
