@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_instruction.py --out runs/bench_instruction_iso               # ~21 minutes
     .venv/bin/python benchmarks/bench_instruction.py --base runs/bench_instruction_iso/base \
-        --out runs/bench_instruction_iso_lora                                 # ~11 minutes: LoRA on that base again
+        --out runs/bench_instruction_iso_lr7                                     # ~11 minutes: LoRA on that base
 
 Default: a task-domain base. The training split of the generated tasks (2,000 instances per family, seed 1337; the
 held-out test instances are never in it) is written out as prompt + answer text; a BPE (2,048 tokens asked for) with
@@ -57,7 +57,7 @@ def main() -> None:
                         help="model of the pretraining recipe (at context 128): 10 = 6 x 192, 1 = 4 x 128")
     parser.add_argument("--minutes", type=float, default=10, help="LoRA training budget")
     parser.add_argument("--lora_epochs", type=float, default=3)
-    parser.add_argument("--learning_rate", type=float, default=5e-3, help="LoRA learning rate")
+    parser.add_argument("--learning_rate", type=float, default=7e-3, help="LoRA learning rate")
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--out", default="runs/bench_instruction")
     args = parser.parse_args()
