@@ -38,8 +38,8 @@ def byte_level(model: models.BPE, isolate_spaces: bool = False, split_digits: bo
     tokenizer = Tokenizer(model)
     steps = [pre_tokenizers.Split(" ", behavior="isolated")] if isolate_spaces else []
     steps += [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [*steps, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    gpt2_split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*steps, gpt2_split]) if steps else gpt2_split
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
     return tokenizer
