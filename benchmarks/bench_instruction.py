@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_instruction.py --out runs/bench_instruction_iso               # ~21 minutes
     .venv/bin/python benchmarks/bench_instruction.py --base runs/bench_instruction_iso/base \
-        --out runs/bench_instruction_iso_lr7                                     # ~11 minutes: LoRA on that base
+        --out runs/bench_instruction_tt                                          # ~11 minutes: LoRA on that base
 
 Default: a task-domain base. The training split of the generated tasks (2,000 instances per family, seed 1337; the
 held-out test instances are never in it) is written out as prompt + answer text; a BPE (2,048 tokens asked for) with
@@ -10,9 +10,11 @@ every space and every digit its own token is trained on it, and a GPT-2 pretrain
 with the model of a pretraining recipe at context 128 (`--recipe 1`: 4 x 128; `--recipe 10`: 6 x 192, fewer steps),
 steps fitted to the budget. With `--base DIR` an existing base is used instead. Then
 `training/finetune_instruction_lora.py` trains LoRA (rank `--lora_r`, alpha 2 x rank, no dropout, on the attention and
-MLP projections) at `--learning_rate` on the same training split for `--lora_epochs`, hard-stopped by `--minutes`, and
-answers the 50 held-out instances per family (13 for `pluralise`) greedily. The `sentiment` family is left out: a
-review and the prompt do not fit in 128 tokens. Not a test: numbers depend on the machine.
+MLP projections) and the token embeddings (`--train_embeddings`; frozen, the base's embeddings of words that stand in
+for one another in its text are so alike that copying picked a neighbour) at `--learning_rate` on the same training
+split for `--lora_epochs`, hard-stopped by `--minutes`, and answers the 50 held-out instances per family (13 for
+`pluralise`) greedily. The `sentiment` family is left out: a review and the prompt do not fit in 128 tokens. Not a
+test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def main() -> None:
         "--task_train_size", str(TRAIN_SIZE), "--task_test_size", str(TEST_SIZE), "--num_train_epochs",
         str(args.lora_epochs), "--max_train_minutes", str(args.minutes), "--seed", str(SEED),
         "--learning_rate", str(args.learning_rate), "--lora_dropout", "0", "--lora_r", str(args.lora_r),
-        "--lora_alpha", str(2 * args.lora_r)])
+        "--lora_alpha", str(2 * args.lora_r), "--train_embeddings"])
     metrics = json.loads((out / "lora" / "metrics.json").read_text())
     print(f"\nbase {base}; held-out test instances, greedy decoding; {metrics['steps']} LoRA steps in "
           f"{metrics['train_seconds'] / 60:.1f} min\n")

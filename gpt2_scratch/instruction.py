@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--base_model_id", default=None,
                        help="Hub id of the base model for the card's base_model metadata (default: its local path)")
     model.add_argument("--license", default="mit", help="licence recorded in the model card")
-    add_lora_arguments(parser, r=16)
+    add_lora_arguments(parser, r=16, embeddings=True)
     add_training_arguments(parser)
     parser.set_defaults(learning_rate=2e-3, weight_decay=0.0, per_device_train_batch_size=16, num_train_epochs=1.0,
                         warmup_steps=20, logging_steps=20)
@@ -306,7 +306,7 @@ def save_outputs(out: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase
             pipeline_tag="text-generation", license=args.license, training_config=public_arguments(args),
             split="test", base_model=args.base_model_id or base, report=report,
             lora=f"r={args.lora_r}, alpha={args.lora_alpha}, dropout={args.lora_dropout}, target modules "
-                 f"{', '.join(args.target_modules)}",
+                 f"{', '.join(args.target_modules)}" + (", token embeddings trained" if args.train_embeddings else ""),
             training_summary=describe_run(args, result, "one record (prompt + response)"),
             trainable=trainable_summary(model),
         )
@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> dict:
                    for name, split in (("train", train), ("validation", held["test"] if held else train),
                                        ("test", splits["test"]))}
     test = encoded["test"].select(range(min(args.max_eval_examples or len(encoded["test"]), len(encoded["test"]))))
-    model = get_peft_model(model, lora_config(args, "CAUSAL_LM"))
+    model = get_peft_model(model, lora_config(args, "CAUSAL_LM", vocab_size=model.config.vocab_size))
     accelerator.print(f"records: train {len(encoded['train'])}, validation {len(encoded['validation'])}, "
                       f"test {len(test)}; {trainable_summary(model)}")
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)

@@ -126,6 +126,34 @@ def test_adapter_and_merged_model_reload_in_a_fresh_process(tuned, base):
     assert f"RESPONSE={first['response']!r}" in result.stdout  # the evaluation's answer, reproduced
 
 
+def test_trained_embeddings_stay_tied_to_the_output_head_through_reload_and_merge(base, tmp_path):
+    result = lora(base, tmp_path, "--max_steps", "4", "--learning_rate", "1e-2", "--train_embeddings", "--merge")
+    assert_ok(result)
+    # Rank 4 on q, k, v, out (48 -> 48) and the MLP (48 -> 192 -> 48) of 2 blocks, plus the 320 x 48 embedding once:
+    # the tied head adds no numbers of its own.
+    lora_numbers = 2 * 4 * (4 * (48 + 48) + 2 * (48 + 192))
+    assert f"trainable parameters: {lora_numbers + 320 * 48:,} of" in result.stdout
+    assert "token embeddings trained" in (tmp_path / "README.md").read_text()
+    result = run_without_package(
+        f"""
+        import torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({str(base)!r}, trust_remote_code=True)
+        merged = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}, trust_remote_code=True).eval()
+        auto = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        embedding, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+        assert torch.equal(embedding, head), "the merged output head is no longer the embedding"
+        assert not torch.allclose(embedding, base.get_input_embeddings().weight), "the embeddings did not train"
+        ids = torch.arange(20)[None]
+        with torch.no_grad():
+            assert torch.allclose(auto(ids).logits, merged(ids).logits, atol=1e-5)
+        """,
+        cwd=tmp_path,
+    )
+    assert_ok(result)
+
+
 def test_chat_streams_the_same_answer_as_the_evaluation(tuned, base):
     first = answered(tuned)
     result = subprocess.run(
