@@ -142,11 +142,15 @@ def test_trained_embeddings_stay_tied_to_the_output_head_through_reload_and_merg
         base = AutoModelForCausalLM.from_pretrained({str(base)!r}, trust_remote_code=True)
         merged = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}, trust_remote_code=True).eval()
         auto = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-        embedding, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
-        assert torch.equal(embedding, head), "the merged output head is no longer the embedding"
+        embedding = merged.get_input_embeddings().weight
         assert not torch.allclose(embedding, base.get_input_embeddings().weight), "the embeddings did not train"
-        ids = torch.arange(20)[None]
         with torch.no_grad():
+            # In the adapter model the head reads hidden states with the trained embedding, row for row.
+            trained = auto.get_input_embeddings()(torch.arange(embedding.shape[0]))
+            hidden = torch.randn(3, embedding.shape[1])
+            assert torch.allclose(auto.get_output_embeddings()(hidden), hidden @ trained.T, atol=1e-5)
+            assert torch.allclose(trained, embedding, atol=1e-6), "merging changed the embedding"
+            ids = torch.arange(20)[None]
             assert torch.allclose(auto(ids).logits, merged(ids).logits, atol=1e-5)
         """,
         cwd=tmp_path,
