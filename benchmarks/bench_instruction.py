@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--lora_epochs", type=float, default=3)
     parser.add_argument("--learning_rate", type=float, default=7e-3, help="LoRA learning rate")
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+    parser.add_argument("--task_weights", nargs="+", default=[], metavar="FAMILY=W",
+                        help="more training instances for the families learned slowly")
     parser.add_argument("--out", default="runs/bench_instruction")
     args = parser.parse_args()
     out = Path(args.out)
@@ -70,7 +72,8 @@ def main() -> None:
         "--task_train_size", str(TRAIN_SIZE), "--task_test_size", str(TEST_SIZE), "--num_train_epochs",
         str(args.lora_epochs), "--max_train_minutes", str(args.minutes), "--seed", str(SEED),
         "--learning_rate", str(args.learning_rate), "--lora_dropout", "0", "--lora_r", str(args.lora_r),
-        "--lora_alpha", str(2 * args.lora_r), "--train_embeddings"])
+        "--lora_alpha", str(2 * args.lora_r), "--train_embeddings",
+        *(["--task_weights", *args.task_weights] if args.task_weights else [])])
     metrics = json.loads((out / "lora" / "metrics.json").read_text())
     print(f"\nbase {base}; held-out test instances, greedy decoding; {metrics['steps']} LoRA steps in "
           f"{metrics['train_seconds'] / 60:.1f} min\n")

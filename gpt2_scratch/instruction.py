@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"task families for --dataset tasks: {', '.join([*FAMILIES, SENTIMENT])}")
     data.add_argument("--task_train_size", type=int, default=2000, help="training instances per task family")
     data.add_argument("--task_test_size", type=int, default=50, help="held-out instances per task family")
+    data.add_argument("--task_weights", nargs="+", default=[], metavar="FAMILY=W",
+                      help="W x --task_train_size training instances for FAMILY (e.g. add=4: more of the steps go to "
+                           "a family that is learned slowly)")
     data.add_argument("--no_mask_prompt", dest="mask_prompt", action="store_false",
                       help="also learn to predict the prompt tokens (default: loss on the response and eos only)")
     model = parser.add_argument_group("model")
@@ -175,13 +178,25 @@ def held_out_by_instruction(records: Dataset, seed: int) -> DatasetDict:
                        test=records.filter(lambda r: r["instruction"] in test))
 
 
+def parse_task_weights(specs: list[str]) -> dict[str, float]:
+    weights = {}
+    for spec in specs:
+        family, _, weight = spec.partition("=")
+        try:
+            weights[family] = float(weight)
+        except ValueError:
+            raise ValueError(f"--task_weights {spec}: expected FAMILY=NUMBER, e.g. add=4") from None
+    return weights
+
+
 def load_instructions(args: argparse.Namespace) -> DatasetDict:
     """train and test splits with instruction, input, output and task columns."""
     first = args.dataset[0]
     if args.dataset == ["tasks"]:
         if args.task_train_size < 1 or args.task_test_size < 1:
             raise ValueError("--task_train_size and --task_test_size must be at least 1")
-        return make_tasks(args.tasks, args.task_train_size, args.task_test_size, args.seed)
+        return make_tasks(args.tasks, args.task_train_size, args.task_test_size, args.seed,
+                          parse_task_weights(args.task_weights))
     if args.dataset == ["chatterbot"]:
         splits = held_out_by_instruction(chatterbot_pairs(), SPLIT_SEED)
     elif all(Path(spec).suffix in (".json", ".jsonl") or Path(spec).exists() for spec in args.dataset):

@@ -111,10 +111,10 @@ def sentiment_examples(split: str, count: int, rng: random.Random) -> list[Examp
     return [(SENTIMENT_INSTRUCTION, reviews[i]["text"], names[reviews[i]["label"]]) for i in rows]
 
 
-def make_split(families: list[str], size: int, rng: random.Random, split: str, exclude: set) -> Dataset:
-    """`size` instances per family, none in `exclude`; a test split has no repeats, a training split may."""
+def make_split(sizes: dict[str, int], rng: random.Random, split: str, exclude: set) -> Dataset:
+    """`sizes[family]` instances per family, none in `exclude`; a test split has no repeats, a training split may."""
     rows: dict[str, list] = {"instruction": [], "input": [], "output": [], "task": []}
-    for family in families:
+    for family, size in sizes.items():
         if family == SENTIMENT:
             found = [e for e in sentiment_examples(split, size, rng) if e[:2] not in exclude]
         else:
@@ -137,13 +137,22 @@ def make_split(families: list[str], size: int, rng: random.Random, split: str, e
     return Dataset.from_dict(rows)
 
 
-def make_tasks(families: list[str], train_size: int, test_size: int, seed: int) -> DatasetDict:
-    """`train_size` and `test_size` instances per family (a quarter of its nouns for `pluralise`)."""
-    unknown = [f for f in families if f not in FAMILIES and f != SENTIMENT]
+def make_tasks(families: list[str], train_size: int, test_size: int, seed: int,
+               weights: dict[str, float] | None = None) -> DatasetDict:
+    """`test_size` held-out instances per family (a quarter of its nouns for `pluralise`) and `train_size` training
+    instances, times `weights[family]` where given: the families a model learns slowly can have more of the steps."""
+    weights = weights or {}
+    unknown = [f for f in [*families, *weights] if f not in FAMILIES and f != SENTIMENT]
     if unknown:
         raise ValueError(f"unknown task families {unknown}; choose from {', '.join([*FAMILIES, SENTIMENT])}")
+    ignored = [f for f in weights if f not in families]
+    if ignored:
+        raise ValueError(f"weights given for {ignored}, which are not among the chosen families {families}")
+    if any(w <= 0 for w in weights.values()):
+        raise ValueError(f"task weights must be positive, got {weights}")
     rng = random.Random(seed)
-    test = make_split(families, test_size, rng, "test", set())
+    test = make_split(dict.fromkeys(families, test_size), rng, "test", set())
     held_out = set(zip(test["instruction"], test["input"]))
-    train = make_split(families, train_size, rng, "train", held_out)
+    train_sizes = {f: max(1, round(train_size * weights.get(f, 1.0))) for f in families}
+    train = make_split(train_sizes, rng, "train", held_out)
     return DatasetDict(train=train, test=test)

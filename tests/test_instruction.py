@@ -75,6 +75,25 @@ def test_task_generator_is_seeded_correct_and_holds_out_its_test_instances():
         make_tasks(["poetry"], 1, 1, 0)
 
 
+def test_task_weights_give_a_family_more_training_instances_and_leave_the_test_split_alone():
+    plain = make_tasks(["add", "upper", "pluralise"], 40, 5, seed=3)
+    weighted = make_tasks(["add", "upper", "pluralise"], 40, 5, seed=3, weights={"add": 2.5, "pluralise": 0.5})
+    assert weighted["test"].to_dict() == plain["test"].to_dict()
+    counts = {task: weighted["train"]["task"].count(task) for task in ("add", "upper", "pluralise")}
+    assert counts == {"add": 100, "upper": 40, "pluralise": 20}
+    held_out = set(zip(weighted["test"]["instruction"], weighted["test"]["input"]))
+    assert not held_out & set(zip(weighted["train"]["instruction"], weighted["train"]["input"]))
+    with pytest.raises(ValueError, match="weights given for \\['upper'\\], which are not among the chosen"):
+        make_tasks(["add"], 4, 1, 0, weights={"upper": 2})
+    with pytest.raises(ValueError, match="task weights must be positive"):
+        make_tasks(["add"], 4, 1, 0, weights={"add": 0})
+
+
+def test_a_malformed_task_weight_exits_2(base, tmp_path):
+    result = lora(base, tmp_path / "out", "--task_weights", "add:4", "--max_steps", "1")
+    assert_clear_failure(result, "--task_weights add:4: expected FAMILY=NUMBER, e.g. add=4", tmp_path / "out")
+
+
 def test_adapter_output_folder(tuned, base):
     config = json.loads((tuned / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base.resolve()) and config["r"] == 4
