@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, TWO_PROCESSES, assert_clear_failure, assert_ok, run_training_script, run_without_package
 from transformers import AutoTokenizer
 
-from gpt2_scratch.instruction import PROMPT_NO_INPUT, build_parser, encode, format_prompt, run
+from gpt2_scratch.instruction import PROMPT_NO_INPUT, build_parser, encode, format_prompt, run, shared_prefix_loss
 from gpt2_scratch.tasks import FAMILIES, make_tasks
 
 TINY = ["--tasks", "pluralise", "add", "--task_train_size", "24", "--task_test_size", "3",
@@ -53,6 +54,48 @@ def test_masking_puts_minus_100_exactly_on_the_prompt(base):
     assert masked["labels"] == [-100] * len(prompt) + response + [tokenizer.eos_token_id]
     assert masked["prompt_length"] == len(prompt)
     assert encode(example, tokenizer, mask_prompt=False)["labels"] == masked["input_ids"]
+
+
+SAME_PROMPT = [("Add the two numbers.", "2 + 3", "5"), ("Add the two numbers.", "2 + 3", "five")]
+MIXED = [("Add the two numbers.", "2 + 3", "5"), ("Give the plural of the noun.", "fox", "foxes"),
+         ("Sort the words alphabetically.", "pear, apple, fig", "apple, fig, pear"), ("Tell me a joke.", "", "No.")]
+
+
+@pytest.mark.parametrize("records,mask_prompt", [(MIXED, True), (SAME_PROMPT, True), (MIXED, False)],
+                         ids=["shared preamble", "whole prompt shared", "unmasked: nothing shared"])
+def test_shared_prefix_loss_equals_the_plain_loss_and_its_gradients(base, records, mask_prompt):
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq
+
+    from gpt2_scratch import GPT2ScratchForCausalLM
+    from gpt2_scratch.lora import lora_config
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = GPT2ScratchForCausalLM.from_pretrained(base)
+    args = build_parser().parse_args(["--model_name_or_path", str(base), "--output_dir", "unused",
+                                      "--train_embeddings", "--lora_dropout", "0"])
+    model = get_peft_model(model, lora_config(args, "CAUSAL_LM", vocab_size=model.config.vocab_size)).train()
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # zero at the start of training; random here so every adapter gets a gradient
+            torch.nn.init.normal_(parameter, std=0.05)
+    rows = [encode({"instruction": i, "input": x, "output": o}, tokenizer, mask_prompt) for i, x, o in records]
+    batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(
+        [{k: row[k] for k in ("input_ids", "attention_mask", "labels")} for row in rows])
+
+    def loss_and_gradients(compute):
+        model.zero_grad()
+        loss = compute(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = loss_and_gradients(lambda m, b: m(**b).loss)
+    shared, shared_grads = loss_and_gradients(shared_prefix_loss)
+    assert shared == pytest.approx(plain, rel=1e-6)
+    assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_task_generator_is_seeded_correct_and_holds_out_its_test_instances():
