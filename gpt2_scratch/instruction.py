@@ -192,6 +192,8 @@ def parse_task_weights(specs: list[str]) -> dict[str, float]:
 def load_instructions(args: argparse.Namespace) -> DatasetDict:
     """train and test splits with instruction, input, output and task columns."""
     first = args.dataset[0]
+    if args.task_weights and args.dataset != ["tasks"]:
+        raise ValueError(f"--task_weights weighs the generated task families; it does nothing for --dataset {first}")
     if args.dataset == ["tasks"]:
         if args.task_train_size < 1 or args.task_test_size < 1:
             raise ValueError("--task_train_size and --task_test_size must be at least 1")

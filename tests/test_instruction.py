@@ -132,6 +132,16 @@ def test_task_weights_give_a_family_more_training_instances_and_leave_the_test_s
         make_tasks(["add"], 4, 1, 0, weights={"add": 0})
 
 
+def test_task_weights_on_other_data_are_refused(base, tmp_path):
+    from gpt2_scratch.instruction import load_instructions
+
+    args = build_parser().parse_args(["--model_name_or_path", str(base), "--output_dir", str(tmp_path), "--dataset",
+                                      "chatterbot", "--task_weights", "add=2"])
+    with pytest.raises(ValueError, match="--task_weights weighs the generated task families; it does nothing for "
+                                         "--dataset chatterbot"):
+        load_instructions(args)
+
+
 def test_a_malformed_task_weight_exits_2(base, tmp_path):
     result = lora(base, tmp_path / "out", "--task_weights", "add:4", "--max_steps", "1")
     assert_clear_failure(result, "--task_weights add:4: expected FAMILY=NUMBER, e.g. add=4", tmp_path / "out")
