@@ -7,8 +7,8 @@
 Default: a task-domain base. The training split of the generated tasks (2,000 instances per family, seed 1337; the
 held-out test instances are never in it) is written out as prompt + answer text; a BPE (2,048 tokens asked for) with
 every space and every digit its own token is trained on it, and a GPT-2 pretrained on it for `--pretrain_minutes`
-with the model of a pretraining recipe at context 128 (`--recipe 1`: 4 x 128; `--recipe 10`: 6 x 192, fewer steps),
-steps fitted to the budget. With `--base DIR` an existing base is used instead. Then
+with `TASKS_BASE` (4 x 128, context 128, AdamW), steps fitted to the budget. With `--base DIR` an existing base is
+used instead. Then
 `training/finetune_instruction_lora.py` trains LoRA (rank `--lora_r`, alpha 2 x rank, no dropout, on the attention and
 MLP projections) and the token embeddings (`--train_embeddings`; frozen, the base's embeddings of words that stand in
 for one another in its text are so alike that copying picked a neighbour) at `--learning_rate` for `--lora_epochs`
@@ -27,7 +27,7 @@ from pathlib import Path
 from bench_classification import run
 
 from gpt2_scratch.instruction import format_prompt
-from gpt2_scratch.pretraining import RECIPES, recipe_arguments
+from gpt2_scratch.pretraining import TASKS_BASE, recipe_arguments
 from gpt2_scratch.tasks import FAMILIES, make_tasks
 from gpt2_scratch.tokenizer import train_tokenizer
 
@@ -37,7 +37,7 @@ TASK_WEIGHTS = ["lower=0.5", "count_words=0.75", "first_sentence=0.75", "sort_wo
                 "pluralise=0.5"]
 
 
-def pretrain_task_model(out: Path, minutes: float, recipe: int) -> Path:
+def pretrain_task_model(out: Path, minutes: float) -> Path:
     """A base pretrained on the text of the tasks' training split only."""
     train = make_tasks(list(FAMILIES), TRAIN_SIZE, TEST_SIZE, SEED)["train"]
     corpus = out / "task_train_text.jsonl"
@@ -51,7 +51,7 @@ def pretrain_task_model(out: Path, minutes: float, recipe: int) -> Path:
         tokenizer = train_tokenizer(texts, 2048, show_progress=False, isolate_spaces=True, split_digits=True)
         tokenizer.save_pretrained(tokenizer_dir)
     run("pretrain.py", ["--output_dir", str(out / "base"), "--text_column", "text",
-                        *recipe_arguments(recipe, minutes, tokenizer_dir, dataset=str(corpus), context_length=128)])
+                        *recipe_arguments(TASKS_BASE, minutes, tokenizer_dir, dataset=str(corpus))])
     return out / "base"
 
 
@@ -59,8 +59,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None, help="an existing base folder (default: pretrain a task-domain one)")
     parser.add_argument("--pretrain_minutes", type=float, default=10)
-    parser.add_argument("--recipe", type=int, choices=sorted(RECIPES), default=1,
-                        help="model of the pretraining recipe (at context 128): 10 = 6 x 192, 1 = 4 x 128")
     parser.add_argument("--minutes", type=float, default=10, help="LoRA training budget")
     parser.add_argument("--lora_epochs", type=float, default=3)
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="LoRA learning rate")
@@ -70,7 +68,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_instruction")
     args = parser.parse_args()
     out = Path(args.out)
-    base = Path(args.base) if args.base else pretrain_task_model(out, args.pretrain_minutes, args.recipe)
+    base = Path(args.base) if args.base else pretrain_task_model(out, args.pretrain_minutes)
     run("finetune_instruction_lora.py", [
         "--model_name_or_path", str(base), "--output_dir", str(out / "lora"), "--tasks", *FAMILIES,
         "--task_train_size", str(TRAIN_SIZE), "--task_test_size", str(TEST_SIZE), "--num_train_epochs",

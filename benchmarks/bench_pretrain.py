@@ -34,13 +34,13 @@ def main() -> None:
     train_text = load_shakespeare()["train"]
     rows = []
     for minutes in args.minutes:
-        vocab = RECIPES[minutes][1]
+        vocab = RECIPES[minutes].vocab_size
         tokenizer_dir = Path(args.out) / f"tokenizer-{vocab}"
         if not (tokenizer_dir / "tokenizer.json").is_file():
             train_tokenizer(train_text, vocab, show_progress=False).save_pretrained(tokenizer_dir)
         out = Path(args.out) / f"{minutes}min"
         command = [sys.executable, str(ROOT / "training" / "pretrain.py"), "--output_dir", str(out),
-                   *recipe_arguments(minutes, minutes, tokenizer_dir)]
+                   *recipe_arguments(RECIPES[minutes], minutes, tokenizer_dir)]
         print("$", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, env=None)
         metrics = json.loads((out / "metrics.json").read_text())

@@ -35,21 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_shakespeare()
     print(f"train {len(corpus['train']['text'][0]):,} characters, validation {len(corpus['validation']['text'][0]):,}")
 
-    vocab = RECIPES[10][1]
-    step(f"a {vocab}-token byte-level BPE tokenizer trained on the training split")
-    tokenizer = train_tokenizer(corpus["train"], vocab, show_progress=False)
+    recipe = RECIPES[10]
+    step(f"a {recipe.vocab_size}-token byte-level BPE tokenizer trained on the training split")
+    tokenizer = train_tokenizer(corpus["train"], recipe.vocab_size, show_progress=False)
     tokenizer.save_pretrained(RUN / "tokenizer")
 
     step(f"pretraining for at most {options.minutes:g} minutes (python training/pretrain.py ...)")
     arguments = ["--output_dir", str(RUN), "--prompt", "ROMEO:",
-                 *recipe_arguments(10, options.minutes, RUN / "tokenizer")]
+                 *recipe_arguments(recipe, options.minutes, RUN / "tokenizer")]
     print("training/pretrain.py " + " ".join(arguments))
     metrics = run(build_parser().parse_args(arguments))
     print(f"validation: {metrics['eval/bits_per_byte']:.4f} bits per byte, "
           f"{metrics['eval/loss']:.4f} nats per token")
 
-    step(f"gpt2-scratch generate --model {RUN} --prompt 'ROMEO:' --max-new-tokens 120")
-    if cli(["generate", "--model", str(RUN), "--prompt", "ROMEO:", "--max-new-tokens", "120", "--seed", "1"]):
+    new_tokens = recipe.model["context_length"] - len(tokenizer("ROMEO:")["input_ids"])  # all the context allows
+    step(f"gpt2-scratch generate --model {RUN} --prompt 'ROMEO:' --max-new-tokens {new_tokens}")
+    if cli(["generate", "--model", str(RUN), "--prompt", "ROMEO:", "--max-new-tokens", str(new_tokens),
+            "--seed", "1"]):
         return 1
     step(f"done: {RUN} holds the model, tokenizer, model card (README.md), loss_curve.png and metrics.json; it "
          "loads with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")

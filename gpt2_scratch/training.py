@@ -1,5 +1,5 @@
-"""The training loop every script shares: arguments, AdamW + warmup/cosine, accumulation, clipping, evaluation,
-atomic checkpoints with exact resume, a wall-clock budget, TensorBoard, and the Hub-ready output folder.
+"""The training loop every script shares: arguments, AdamW (or Muon + AdamW) + warmup/cosine, accumulation, clipping,
+evaluation, atomic checkpoints with exact resume, a wall-clock budget, TensorBoard, and the Hub-ready output folder.
 
 Accelerate does the distribution (`python script.py` or `accelerate launch [--num_processes 2 --cpu] script.py`),
 mixed precision and state saving; this module only decides *what* happens at each step.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,6 +39,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--per_device_eval_batch_size", type=int, default=None, help="default: the training size")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--learning_rate", type=float, default=6e-4)
+    group.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                       help="muon: Muon for the weight matrices inside the transformer blocks, AdamW (at "
+                            "--learning_rate) for embeddings, biases, norms and heads")
+    group.add_argument("--muon_learning_rate", type=float, default=0.02)
+    group.add_argument("--muon_ns_steps", type=int, default=5, help="Newton-Schulz iterations per Muon step")
     group.add_argument("--weight_decay", type=float, default=0.1)
     group.add_argument("--warmup_steps", type=int, default=0)
     group.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs")
@@ -109,6 +114,59 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` with its Newton-Schulz iteration in float32 rather than bfloat16: a CPU without bfloat16
+    matrix units (AVX2 only, like this project's 2-core machines) runs bfloat16 matmuls ~10x slower than float32."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            for param, grad, buffer in zip(params, grads, buffers):
+                buffer.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                # torch's "original" scaling: a tall matrix's orthogonal update has smaller entries, so larger steps
+                rows, cols = param.shape
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update.to(param.dtype), alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
+        return loss
+
+
+def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration: pushes every singular value of `matrix` towards 1, in float32."""
+    a, b, c = coefficients
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = matrix.float().T if tall else matrix.float()  # iterate on the wide side: its Gram matrix is the smaller one
+    x = x / x.norm().clamp(min=eps)  # the Frobenius norm bounds the spectral norm, so the iteration converges
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def build_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.optim.Optimizer]:
+    """AdamW over everything; or Muon over the blocks' 2-D weight matrices and AdamW over the rest (Muon is for
+    hidden layers: embeddings, the output head, biases and norms keep AdamW)."""
+    if args.optimizer == "adamw":
+        return [torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=(0.9, 0.95))]
+    hidden = [param for name, param in model.named_parameters()
+              if param.requires_grad and param.ndim == 2 and ".trf_blocks." in name]
+    if not hidden:
+        raise ValueError("--optimizer muon: the model has no trainable weight matrices in its transformer blocks")
+    chosen = {id(param) for param in hidden}
+    rest = [param for param in model.parameters() if param.requires_grad and id(param) not in chosen]
+    return [Muon(hidden, lr=args.muon_learning_rate, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps),
+            torch.optim.AdamW(rest, lr=args.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))]
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step (a complete one has been renamed into place)."""
     found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
@@ -136,10 +194,13 @@ class LoopResult:
 
 def describe_run(args: argparse.Namespace, result: LoopResult, example: str) -> str:
     """One paragraph for the model card: steps, time, batch and optimiser settings."""
+    optimizer = f"AdamW lr {args.learning_rate}" if args.optimizer == "adamw" else (
+        f"Muon lr {args.muon_learning_rate} ({args.muon_ns_steps} Newton-Schulz steps) on the blocks' weight "
+        f"matrices and AdamW lr {args.learning_rate} on the rest")
     return (f"{result.progress.step} optimizer steps in {result.seconds / 60:.1f} minutes"
             f"{' (stopped by --max_train_minutes)' if result.stopped_early else ''}, batch "
             f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {example} per "
-            f"process, AdamW lr {args.learning_rate} with warmup + cosine decay, weight decay {args.weight_decay}, "
+            f"process, {optimizer} with warmup + cosine decay, weight decay {args.weight_decay}, "
             f"mixed precision {args.mixed_precision}.")
 
 
@@ -171,9 +232,11 @@ class TrainingLoop:
         loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
                             collate_fn=collate_fn, drop_last=True,
                             generator=None if streaming else torch.Generator().manual_seed(args.seed))
-        optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
-                                      betas=(0.9, 0.95))
-        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        if args.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("--optimizer muon orthogonalises whole weight matrices, which FSDP shards across "
+                             "processes: use --optimizer adamw with FSDP")
+        optimizers = build_optimizers(model, args)
+        self.model, self.loader, *self.optimizers = accelerator.prepare(model, loader, *optimizers)
         if streaming:  # no length: the run is counted in steps only
             self.total_steps = args.max_steps
         else:
@@ -187,9 +250,9 @@ class TrainingLoop:
             self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
                 args.num_train_epochs * steps_per_epoch)
         # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, args.warmup_steps * accelerator.num_processes, self.total_steps * accelerator.num_processes)
-        self.scheduler = accelerator.prepare(scheduler)
+        self.schedulers = [accelerator.prepare(get_cosine_schedule_with_warmup(
+            optimizer, args.warmup_steps * accelerator.num_processes, self.total_steps * accelerator.num_processes))
+            for optimizer in optimizers]
         self.progress = Progress()
 
     def save_checkpoint(self) -> Path:
@@ -248,9 +311,10 @@ class TrainingLoop:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
                 self.progress.batches_in_epoch += 1
                 running_loss += loss.detach().float().item()
                 running_batches += 1
@@ -261,7 +325,7 @@ class TrainingLoop:
                 if self.progress.step % args.logging_steps == 0:
                     train_loss = running_loss / running_batches
                     bar.set_postfix(loss=f"{train_loss:.3f}")
-                    self.log({"train/loss": train_loss, "train/lr": self.scheduler.get_last_lr()[0]})
+                    self.log({"train/loss": train_loss, "train/lr": self.schedulers[-1].get_last_lr()[0]})
                     running_loss, running_batches = 0.0, 0
                 if args.eval_steps and self.progress.step % args.eval_steps == 0 \
                         and self.progress.step < self.total_steps:

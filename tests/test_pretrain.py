@@ -99,6 +99,22 @@ def test_resume_from_step_4_gives_the_uninterrupted_weights(full_run, corpus, tm
     assert_same_weights(full_run, tmp_path)
 
 
+def test_muon_run_resumes_exactly(corpus, tmp_path):
+    """Muon and AdamW each keep their state and schedule in the checkpoint: a resumed run matches bit for bit."""
+    args = ["--dataset", str(corpus), "--max_steps", "6", "--save_steps", "3", "--optimizer", "muon",
+            "--muon_learning_rate", "0.02", *TINY]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert_ok(pretrain([*args, "--output_dir", str(full)]))
+    assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"} <= {
+        p.name for p in (full / "checkpoint-3").iterdir()}
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    result = pretrain([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert_ok(result)
+    assert "at step 3" in result.stdout
+    assert_same_weights(full, resumed)
+    assert "Muon lr 0.02 (5 Newton-Schulz steps)" in (full / "README.md").read_text()
+
+
 def test_partial_checkpoints_are_never_resumed(tmp_path):
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "checkpoint-4" / "progress.json").write_text("{}")

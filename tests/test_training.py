@@ -1,0 +1,60 @@
+"""The shared loop's optimisers: Muon (float32 Newton-Schulz) against torch.optim.Muon, and which parameters it gets."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from gpt2_scratch.configuration_gpt2_scratch import GPT2ScratchConfig
+from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from gpt2_scratch.training import Muon, build_optimizers, orthogonalise
+
+
+def test_orthogonalise_brings_singular_values_near_one():
+    torch.manual_seed(0)
+    for rows, cols in [(48, 16), (16, 48), (32, 32)]:
+        k = min(rows, cols)
+        left, _ = torch.linalg.qr(torch.randn(rows, k))
+        right, _ = torch.linalg.qr(torch.randn(cols, k))
+        matrix = left @ torch.diag(torch.logspace(-1, 1, k)) @ right.T  # singular values 0.1 ... 10
+        result = orthogonalise(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        singular = torch.linalg.svdvals(result)
+        assert result.shape == matrix.shape and result.dtype == torch.float32
+        # the quintic trades exactness for speed: values land in about (0.5, 1.2), not exactly on 1
+        assert singular.min() > 0.4 and singular.max() < 1.25, ((rows, cols), singular)
+
+
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24)])
+def test_muon_steps_like_torch_muon(shape):
+    """Same momentum, decoupled weight decay and shape scaling as torch's Muon; only the iteration's precision
+    differs (float32 here, bfloat16 there), so the parameters agree to bfloat16 accuracy."""
+    torch.manual_seed(0)
+    start = torch.randn(shape)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizers = [Muon([ours], lr=0.05, weight_decay=0.1), torch.optim.Muon([theirs], lr=0.05, weight_decay=0.1)]
+    for _ in range(3):
+        grad = torch.randn(shape)
+        for param, optimizer in zip((ours, theirs), optimizers):
+            param.grad = grad.clone()
+            optimizer.step()
+    moved_ours, moved_theirs = ours.detach() - start, theirs.detach() - start
+    assert moved_ours.abs().mean() > 0.01
+    assert torch.allclose(moved_ours, moved_theirs, rtol=0, atol=0.02 * moved_theirs.abs().max())
+    assert optimizers[0].state[ours]["momentum_buffer"].dtype == torch.float32
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-1m", vocab_size=64, n_layers=2, emb_dim=16,
+                                                                 n_heads=2, context_length=8))
+    args = argparse.Namespace(optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02, muon_ns_steps=5,
+                              weight_decay=0.1)
+    muon, adamw = build_optimizers(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and ".trf_blocks." in n}
+    assert len(in_muon) == 2 * 6  # query, key, value, output projection and the two MLP layers, per block
+    assert "transformer.tok_emb.weight" in in_adamw and "transformer.pos_emb.weight" in in_adamw
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
