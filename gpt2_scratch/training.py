@@ -104,12 +104,13 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     )
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the matmul weights only: biases, norm scales/shifts and embeddings are not regularised towards 0."""
+def parameter_groups(model: nn.Module, weight_decay: float, skip: frozenset[int] = frozenset()) -> list[dict]:
+    """Decay the matmul weights only: biases, norm scales/shifts and embeddings are not regularised towards 0.
+    Parameters whose id is in `skip` are left to another optimiser."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and id(param) not in skip:
             (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -161,10 +162,9 @@ def build_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.o
               if param.requires_grad and param.ndim == 2 and ".trf_blocks." in name]
     if not hidden:
         raise ValueError("--optimizer muon: the model has no trainable weight matrices in its transformer blocks")
-    chosen = {id(param) for param in hidden}
-    rest = [param for param in model.parameters() if param.requires_grad and id(param) not in chosen]
+    rest = parameter_groups(model, args.weight_decay, skip=frozenset(id(param) for param in hidden))
     return [Muon(hidden, lr=args.muon_learning_rate, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps),
-            torch.optim.AdamW(rest, lr=args.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))]
+            torch.optim.AdamW(rest, lr=args.learning_rate, betas=(0.9, 0.95))]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

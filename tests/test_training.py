@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt2_scratch.configuration_gpt2_scratch import GPT2ScratchConfig
-from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM, GPT2ScratchForSequenceClassification
 from gpt2_scratch.training import Muon, build_optimizers, orthogonalise
 
 
@@ -58,3 +58,8 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert len(in_muon) == 2 * 6  # query, key, value, output projection and the two MLP layers, per block
     assert "transformer.tok_emb.weight" in in_adamw and "transformer.pos_emb.weight" in in_adamw
     assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
+    # a classifier's head is not a hidden layer: AdamW, with weight decay like every matmul weight outside Muon
+    classifier = GPT2ScratchForSequenceClassification(model.config)
+    _, adamw = build_optimizers(classifier, args)
+    decayed = {id(p) for p in adamw.param_groups[0]["params"]}
+    assert adamw.param_groups[0]["weight_decay"] == 0.1 and decayed == {id(classifier.score.weight)}
