@@ -232,15 +232,14 @@ RECIPES = {
     1: Recipe(dict(emb_dim=128, n_heads=4, n_layers=4, context_length=64), 1024, 12, 6e-3, "muon", 0.03, 3),
     10: Recipe(dict(emb_dim=128, n_heads=4, n_layers=6, context_length=128), 1024, 6, 6e-3, "muon", 0.03, 3),
 }
-# The pretrained bases that benchmarks/bench_classification.py (reviews) and bench_instruction.py (tasks) were
-# measured with, kept as they were so those numbers reproduce.
+# The models and optimisers of the pretrained bases that benchmarks/bench_classification.py (reviews) and
+# bench_instruction.py (tasks) were measured with, kept so those benchmarks still train what they measured.
 REVIEWS_BASE = Recipe(dict(emb_dim=192, n_heads=6, n_layers=6, context_length=128), 4096, 12, 2e-3)
 TASKS_BASE = Recipe(dict(emb_dim=128, n_heads=4, n_layers=4, context_length=128), 2048, 12, 3e-3)
 
 
 def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, dataset: str = "shakespeare") -> list[str]:
     """training/pretrain.py arguments for a recipe, its step count fitted to `minutes` on this machine."""
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     args = ["--dataset", dataset, "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
             "--per_device_train_batch_size", str(recipe.batch_size), "--learning_rate", str(recipe.learning_rate),
             "--optimizer", recipe.optimizer, "--weight_decay", "0.1", "--drop_rate", "0.0",
@@ -251,8 +250,7 @@ def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, datase
     for name, value in recipe.model.items():
         args += [f"--{name}", str(value)]
     parsed = build_parser().parse_args(["--output_dir", "unused", *args])
-    config = GPT2ScratchConfig.from_preset("cpu-10m", vocab_size=vocab, drop_rate=0.0, **recipe.model)
-    steps = steps_for_budget(config, parsed, minutes)
+    steps = steps_for_budget(build_config(parsed, AutoTokenizer.from_pretrained(tokenizer_dir)), parsed, minutes)
     return [*args, "--warmup_steps", str(max(steps // 20, 1)), "--max_steps", str(steps)]
 
 
