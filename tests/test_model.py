@@ -63,6 +63,32 @@ def test_eager_and_sdpa_gradients_agree():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_sdpa_under_cpu_bf16_autocast_attends_in_float32():
+    """Under bf16 autocast the projections are bfloat16; attention itself runs in float32 (the fused CPU kernel is
+    slow backwards in bfloat16) and hands bfloat16 back. Same result as float32 attention of the bf16 projections."""
+    torch.manual_seed(0)
+    attention = model_for("sdpa").transformer.trf_blocks[0].att
+    q, k, v = (torch.randn(2, 4, 12, 16).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        context = attention.sdpa_attention(q, k, v, None)
+    expected = F.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float(),
+                                              is_causal=True)
+    assert context.dtype == torch.bfloat16
+    torch.testing.assert_close(context.float(), expected.bfloat16().float(), atol=0, rtol=0)
+    context.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_training_step_tracks_float32():
+    model = model_for("sdpa").train()
+    ids = torch.randint(0, 320, (2, 16))
+    full = model(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(ids, labels=ids).loss
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full, atol=0.02, rtol=0)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_causal_future_tokens_do_not_change_the_past(impl):
     model = model_for(impl)

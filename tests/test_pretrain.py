@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from gpt2_scratch.hub import push_folder
+from gpt2_scratch.pretraining import Recipe, build_parser, recipe_arguments
 from gpt2_scratch.training import latest_checkpoint
 
 TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
@@ -99,10 +100,12 @@ def test_resume_from_step_4_gives_the_uninterrupted_weights(full_run, corpus, tm
     assert_same_weights(full_run, tmp_path)
 
 
-def test_muon_run_resumes_exactly(corpus, tmp_path):
-    """Muon and AdamW each keep their state and schedule in the checkpoint: a resumed run matches bit for bit."""
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_muon_run_resumes_exactly(corpus, tmp_path, precision):
+    """Muon and AdamW each keep their state and schedule in the checkpoint: a resumed run matches bit for bit, also
+    under bf16 autocast (bf16 Newton-Schulz, float32 attention)."""
     args = ["--dataset", str(corpus), "--max_steps", "6", "--save_steps", "3", "--optimizer", "muon",
-            "--muon_learning_rate", "0.02", *TINY]
+            "--muon_learning_rate", "0.02", "--mixed_precision", precision, *TINY]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert_ok(pretrain([*args, "--output_dir", str(full)]))
     assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"} <= {
@@ -112,7 +115,20 @@ def test_muon_run_resumes_exactly(corpus, tmp_path):
     assert_ok(result)
     assert "at step 3" in result.stdout
     assert_same_weights(full, resumed)
-    assert "Muon lr 0.02 (5 Newton-Schulz steps)" in (full / "README.md").read_text()
+    card = (full / "README.md").read_text()
+    assert "Muon lr 0.02 (5 Newton-Schulz steps)" in card and f"mixed precision {precision}." in card
+
+
+def test_recipe_arguments_fit_the_budget_in_a_precision(tokenizer, tmp_path):
+    """A recipe becomes pretrain.py arguments: warmup and steps fitted to the budget by timing real steps, and the
+    mixed precision pinned, or chosen by timing both ("fastest")."""
+    tokenizer.save_pretrained(tmp_path)
+    model = dict(emb_dim=32, n_heads=2, n_layers=2, context_length=16)
+    for recipe, allowed in [(Recipe(model, 320, 4, 3e-3, "muon", mixed_precision="no"), {"no"}),
+                            (Recipe(model, 320, 4, 3e-3, "muon"), {"no", "bf16"})]:
+        args = build_parser().parse_args(["--output_dir", "unused", *recipe_arguments(recipe, 0.05, tmp_path)])
+        assert args.mixed_precision in allowed and args.optimizer == "muon" and args.max_train_minutes == 0.05
+        assert args.max_steps > 10 and args.warmup_steps == max(args.max_steps // 20, 1)  # tiny steps are fast
 
 
 def test_partial_checkpoints_are_never_resumed(tmp_path):

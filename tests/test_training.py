@@ -1,4 +1,5 @@
-"""The shared loop's optimisers: Muon (float32 Newton-Schulz) against torch.optim.Muon, and which parameters it gets."""
+"""The shared loop's optimisers: Muon (Newton-Schulz in float32 or bf16) against torch.optim.Muon, and which parameters
+it gets."""
 
 from __future__ import annotations
 
@@ -24,16 +25,21 @@ def test_orthogonalise_brings_singular_values_near_one():
         assert result.shape == matrix.shape and result.dtype == torch.float32
         # the quintic trades exactness for speed: values land in about (0.5, 1.2), not exactly on 1
         assert singular.min() > 0.4 and singular.max() < 1.25, ((rows, cols), singular)
+        half = orthogonalise(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.bfloat16)
+        singular = torch.linalg.svdvals(half.float())
+        assert half.dtype == torch.bfloat16 and singular.min() > 0.35 and singular.max() < 1.3, singular
 
 
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(24, 8), (8, 24)])
-def test_muon_steps_like_torch_muon(shape):
-    """Same momentum, decoupled weight decay and shape scaling as torch's Muon; only the iteration's precision
-    differs (float32 here, bfloat16 there), so the parameters agree to bfloat16 accuracy."""
+def test_muon_steps_like_torch_muon(shape, ns_dtype):
+    """Same momentum, decoupled weight decay and shape scaling as torch's Muon; the iteration's precision is ours to
+    choose (torch's is bfloat16), so the parameters agree to bfloat16 accuracy."""
     torch.manual_seed(0)
     start = torch.randn(shape)
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    optimizers = [Muon([ours], lr=0.05, weight_decay=0.1), torch.optim.Muon([theirs], lr=0.05, weight_decay=0.1)]
+    optimizers = [Muon([ours], ns_dtype, lr=0.05, weight_decay=0.1),
+                  torch.optim.Muon([theirs], lr=0.05, weight_decay=0.1)]
     for _ in range(3):
         grad = torch.randn(shape)
         for param, optimizer in zip((ours, theirs), optimizers):
@@ -49,8 +55,11 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("cpu-1m", vocab_size=64, n_layers=2, emb_dim=16,
                                                                  n_heads=2, context_length=8))
     args = argparse.Namespace(optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02, muon_ns_steps=5,
-                              weight_decay=0.1)
+                              weight_decay=0.1, mixed_precision="no")
     muon, adamw = build_optimizers(model, args)
+    assert muon.ns_dtype == torch.float32
+    assert build_optimizers(model, argparse.Namespace(**{**vars(args), "mixed_precision": "bf16"}))[0].ns_dtype \
+        == torch.bfloat16  # a bf16 run iterates in bf16, as torch's Muon does
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
