@@ -133,29 +133,44 @@ class Muon(torch.optim.Muon):
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
-            for param, grad, buffer in zip(params, grads, buffers):
+            updates = []
+            for grad, buffer in zip(grads, buffers):
                 buffer.lerp_(grad, 1 - group["momentum"])
-                update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
-                # torch's "original" scaling: a tall matrix's orthogonal update has smaller entries, so larger steps
-                rows, cols = param.shape
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(update.to(param.dtype), alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
+                updates.append(grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer)
+            # Same-shaped matrices (every block's query, key, ...) orthogonalise as one stack: one batched matmul
+            # beats many small ones (1.8x faster in bf16 for the 24 matrices of the 1-minute Shakespeare recipe).
+            by_shape: dict[torch.Size, list[int]] = {}
+            for index, update in enumerate(updates):
+                by_shape.setdefault(update.shape, []).append(index)
+            for indices in by_shape.values():
+                stack = torch.stack([updates[index] for index in indices])
+                orthogonal = orthogonalise(stack, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                           self.ns_dtype)
+                for index, update in zip(indices, orthogonal):
+                    param = params[index]
+                    # torch's "original" scaling: a tall matrix's orthogonal update has smaller entries, so larger steps
+                    rows, cols = param.shape
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                    param.add_(update.to(param.dtype), alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
         return loss
 
 
 def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz iteration: pushes every singular value of `matrix` towards 1, in `dtype`."""
+    """Muon's quintic Newton-Schulz iteration: pushes every singular value of `matrix` (or of each matrix in a
+    stack of them, shape (..., rows, cols)) towards 1, in `dtype`."""
     a, b, c = coefficients
-    tall = matrix.shape[0] > matrix.shape[1]
-    x = matrix.to(dtype).T if tall else matrix.to(dtype)  # iterate on the wide side: its Gram matrix is the smaller one
-    x = x / x.norm().clamp(min=eps)  # the Frobenius norm bounds the spectral norm, so the iteration converges
+    tall = matrix.shape[-2] > matrix.shape[-1]
+    x = matrix.to(dtype)
+    x = x.mT if tall else x  # iterate on the wide side: its Gram matrix is the smaller one
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # the Frobenius norm bounds the spectral norm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(shape)
+    return x.mT if tall else x
 
 
 def build_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.optim.Optimizer]:

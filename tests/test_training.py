@@ -30,25 +30,38 @@ def test_orthogonalise_brings_singular_values_near_one():
         assert half.dtype == torch.bfloat16 and singular.min() > 0.35 and singular.max() < 1.3, singular
 
 
+def test_orthogonalise_treats_a_stack_as_separate_matrices():
+    torch.manual_seed(0)
+    for shape in [(3, 40, 12), (3, 12, 40)]:
+        stack = torch.randn(shape)
+        together = orthogonalise(stack, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        alone = torch.stack([orthogonalise(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7) for matrix in stack])
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(24, 8), (8, 24)])
 def test_muon_steps_like_torch_muon(shape, ns_dtype):
     """Same momentum, decoupled weight decay and shape scaling as torch's Muon; the iteration's precision is ours to
-    choose (torch's is bfloat16), so the parameters agree to bfloat16 accuracy."""
+    choose (torch's is bfloat16), so the parameters agree to bfloat16 accuracy. Two same-shaped matrices (stacked in
+    one batched iteration) and a transposed one step as torch steps each alone."""
     torch.manual_seed(0)
-    start = torch.randn(shape)
-    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    optimizers = [Muon([ours], ns_dtype, lr=0.05, weight_decay=0.1),
-                  torch.optim.Muon([theirs], lr=0.05, weight_decay=0.1)]
+    starts = [torch.randn(shape), torch.randn(shape), torch.randn(shape[::-1])]
+    ours = [torch.nn.Parameter(start.clone()) for start in starts]
+    theirs = [torch.nn.Parameter(start.clone()) for start in starts]
+    optimizers = [Muon(ours, ns_dtype, lr=0.05, weight_decay=0.1),
+                  torch.optim.Muon(theirs, lr=0.05, weight_decay=0.1)]
     for _ in range(3):
-        grad = torch.randn(shape)
-        for param, optimizer in zip((ours, theirs), optimizers):
-            param.grad = grad.clone()
+        grads = [torch.randn(start.shape) for start in starts]
+        for params, optimizer in zip((ours, theirs), optimizers):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
             optimizer.step()
-    moved_ours, moved_theirs = ours.detach() - start, theirs.detach() - start
-    assert moved_ours.abs().mean() > 0.01
-    assert torch.allclose(moved_ours, moved_theirs, rtol=0, atol=0.02 * moved_theirs.abs().max())
-    assert optimizers[0].state[ours]["momentum_buffer"].dtype == torch.float32
+    for start, mine, torchs in zip(starts, ours, theirs):
+        moved_ours, moved_theirs = mine.detach() - start, torchs.detach() - start
+        assert moved_ours.abs().mean() > 0.01
+        assert torch.allclose(moved_ours, moved_theirs, rtol=0, atol=0.02 * moved_theirs.abs().max())
+        assert optimizers[0].state[mine]["momentum_buffer"].dtype == torch.float32
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
