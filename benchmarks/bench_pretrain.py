@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/bench_pretrain.py                 # both budgets (~14 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/bench_pretrain.py --minutes 1     # one budget
 
-Each run is `training/pretrain.py` with the recipe for its budget (`gpt2_scratch.pretraining.RECIPES`), its step
-count fitted to the budget on this machine (`steps_for_budget`), and `--max_train_minutes` as a hard stop on the
-training loop. The tokenizer is trained before, and the data tokenised (then cached) before the loop starts: neither
-counts against the budget. The whole validation split is scored; shakespeare is ASCII, so nats per character =
+Each run is `training/pretrain.py` with the recipe for its budget (`gpt2_scratch.pretraining.RECIPES`):
+`--max_train_minutes` with `--schedule_on_clock` (the cosine decay ends with the budget), warmup and the faster of
+fp32 and bf16 autocast chosen by timing the model's steps on this machine (`recipe_arguments`). The tokenizer is
+trained before, and the data tokenised (then cached) before the loop starts: neither counts against the budget. The whole validation split is scored; shakespeare is ASCII, so nats per character =
 bits per byte × ln 2. Not a test: numbers depend on the machine.
 """
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -62,7 +63,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     group.add_argument("--logging_steps", type=int, default=10)
     group.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    group.add_argument("--max_train_minutes", type=float, default=None, help="stop cleanly after this long, and save")
+    group.add_argument("--max_train_minutes", type=float, default=None,
+                       help="stop cleanly after this much training time (counted across resumes), and save")
+    group.add_argument("--schedule_on_clock", action="store_true",
+                       help="with --max_train_minutes: after warmup the cosine decay follows the clock and ends "
+                            "exactly at the budget, however fast the machine runs that day (--max_steps, if given, "
+                            "only caps the steps); without it the decay ends at --max_steps")
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", default=None)
 
@@ -74,6 +80,8 @@ def check_training_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0):
         raise ValueError("nothing to train: give --max_steps > 0 or --num_train_epochs > 0")
+    if args.schedule_on_clock and args.max_train_minutes is None:
+        raise ValueError("--schedule_on_clock needs --max_train_minutes: the budget the cosine decay ends at")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-scratch-shakespeare)")
 
@@ -205,6 +213,8 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # logged losses and evaluations, for the curve
     best_metric: float | None = None  # of --metric_for_best_model, with the step whose weights are in BEST_MODEL
     best_step: int | None = None
+    seconds: float = 0.0  # training time so far, by the slowest process's clock
+    decay_start: float | None = None  # with --schedule_on_clock: the training time at which warmup ended
 
 
 @dataclass
@@ -223,7 +233,9 @@ def describe_run(args: argparse.Namespace, result: LoopResult, example: str) -> 
     return (f"{result.progress.step} optimizer steps in {result.seconds / 60:.1f} minutes"
             f"{' (stopped by --max_train_minutes)' if result.stopped_early else ''}, batch "
             f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {example} per "
-            f"process, {optimizer} with warmup + cosine decay, weight decay {args.weight_decay}, "
+            f"process, {optimizer} with warmup + cosine decay"
+            f"{f' ending with the {args.max_train_minutes:g}-minute budget' if args.schedule_on_clock else ''}, "
+            f"weight decay {args.weight_decay}, "
             f"mixed precision {args.mixed_precision}.")
 
 
@@ -272,11 +284,19 @@ class TrainingLoop:
             steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
             self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
                 args.num_train_epochs * steps_per_epoch)
-        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-        self.schedulers = [accelerator.prepare(get_cosine_schedule_with_warmup(
-            optimizer, args.warmup_steps * accelerator.num_processes, self.total_steps * accelerator.num_processes))
-            for optimizer in optimizers]
+        if args.schedule_on_clock and args.max_steps <= 0:
+            self.total_steps = sys.maxsize  # the clock ends the run
         self.progress = Progress()
+        if args.schedule_on_clock:
+            def factor(counter: int) -> float:  # a plain function: LambdaLR would try to checkpoint a method's state
+                return self.clock_schedule(counter)
+
+            schedulers = [LambdaLR(optimizer, factor) for optimizer in optimizers]
+        else:  # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+            schedulers = [get_cosine_schedule_with_warmup(optimizer, args.warmup_steps * accelerator.num_processes,
+                                                          self.total_steps * accelerator.num_processes)
+                          for optimizer in optimizers]
+        self.schedulers = [accelerator.prepare(scheduler) for scheduler in schedulers]
 
     def save_checkpoint(self) -> Path:
         """`accelerator.save_state` into a hidden folder, then one rename: a kill never leaves a partial checkpoint
@@ -308,23 +328,38 @@ class TrainingLoop:
         self.progress.history.append({"step": self.progress.step, **values})
         self.accelerator.log(values, step=self.progress.step)
 
-    def out_of_time(self, start: float) -> bool:
-        """All processes stop together: the slowest clock decides."""
-        if self.args.max_train_minutes is None:
-            return False
-        late = torch.tensor(float(time.monotonic() - start > self.args.max_train_minutes * 60))
-        return bool(self.accelerator.reduce(late, reduction="sum") > 0)
+    def read_clock(self, origin: float) -> None:
+        """Training time so far, the same on every process: the slowest clock decides, so all stop together."""
+        mine = torch.tensor([time.monotonic() - origin], dtype=torch.float64, device=self.accelerator.device)
+        self.progress.seconds = self.accelerator.gather(mine).max().item()
+
+    def out_of_time(self) -> bool:
+        return self.args.max_train_minutes is not None and self.progress.seconds > self.args.max_train_minutes * 60
+
+    def clock_schedule(self, counter: int) -> float:
+        """--schedule_on_clock's learning-rate factor: linear warmup over --warmup_steps (`counter` is the
+        scheduler's, stepped once per process per optimizer step), then half a cosine from the end of warmup to the
+        end of the budget, by training time."""
+        step = counter / self.accelerator.num_processes
+        if step < self.args.warmup_steps:
+            return step / self.args.warmup_steps
+        if self.progress.decay_start is None:
+            self.progress.decay_start = self.progress.seconds
+        decay_seconds = self.args.max_train_minutes * 60 - self.progress.decay_start
+        done = (self.progress.seconds - self.progress.decay_start) / decay_seconds if decay_seconds > 0 else 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
     def run(self) -> LoopResult:
         args, accelerator = self.args, self.accelerator
         if args.resume_from_checkpoint:
             self.resume(args.resume_from_checkpoint)
         start = time.monotonic()
-        bar = tqdm(total=self.total_steps, initial=self.progress.step, disable=not accelerator.is_local_main_process,
-                   desc="training")
-        stopped_early, running_loss, running_batches = False, 0.0, 0
+        origin = start - self.progress.seconds  # a resumed run's clock goes on from its checkpoint's
+        bar = tqdm(total=None if self.total_steps == sys.maxsize else self.total_steps, initial=self.progress.step,
+                   disable=not accelerator.is_local_main_process, desc="training")
+        time_up, running_loss, running_batches = False, 0.0, 0
         self.model.train()
-        while self.progress.step < self.total_steps and not stopped_early:
+        while self.progress.step < self.total_steps and not time_up:
             self.loader.set_epoch(self.progress.epoch)
             batches = accelerator.skip_first_batches(self.loader, self.progress.batches_in_epoch) \
                 if self.progress.batches_in_epoch else self.loader
@@ -334,6 +369,7 @@ class TrainingLoop:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                        self.read_clock(origin)  # before the schedulers step: --schedule_on_clock reads it
                     for optimizer, scheduler in zip(self.optimizers, self.schedulers):
                         optimizer.step()
                         scheduler.step()
@@ -353,10 +389,10 @@ class TrainingLoop:
                 if args.eval_steps and self.progress.step % args.eval_steps == 0 \
                         and self.progress.step < self.total_steps:
                     self.run_evaluation()
-                stopped_early = self.out_of_time(start) and self.progress.step < self.total_steps
-                if args.save_steps and (self.progress.step % args.save_steps == 0 or stopped_early):
+                time_up = self.out_of_time() and self.progress.step < self.total_steps
+                if args.save_steps and (self.progress.step % args.save_steps == 0 or time_up):
                     self.save_checkpoint()
-                if self.progress.step >= self.total_steps or stopped_early:
+                if self.progress.step >= self.total_steps or time_up:
                     break
             else:  # the epoch ran out
                 self.progress.epoch += 1
@@ -365,9 +401,11 @@ class TrainingLoop:
                     self.run_evaluation()
         bar.close()
         seconds = time.monotonic() - start
-        if stopped_early:
-            accelerator.print(f"stopped at step {self.progress.step}/{self.total_steps}: "
-                              f"--max_train_minutes {args.max_train_minutes} reached")
+        stopped_early = time_up and not args.schedule_on_clock  # on the clock, the budget is the planned end
+        if time_up:
+            accelerator.print(f"--max_train_minutes {args.max_train_minutes} reached at step {self.progress.step}" + (
+                ": the learning rate has decayed to its end" if args.schedule_on_clock else
+                f" of {self.total_steps}: stopped before the schedule's end"))
         metrics = self.run_evaluation()
         if args.metric_for_best_model and self.progress.best_step != self.progress.step:
             metrics = self.restore_best_model()

@@ -120,15 +120,15 @@ def test_muon_run_resumes_exactly(corpus, tmp_path, precision):
 
 
 def test_recipe_arguments_fit_the_budget_in_a_precision(tokenizer, tmp_path):
-    """A recipe becomes pretrain.py arguments: warmup and steps fitted to the budget by timing real steps, and the
-    mixed precision pinned, or chosen by timing both ("fastest")."""
+    """A recipe becomes pretrain.py arguments: the budget with the decay on the clock, warmup sized by timing real
+    steps, and the mixed precision pinned, or chosen by timing both ("fastest")."""
     tokenizer.save_pretrained(tmp_path)
     model = dict(emb_dim=32, n_heads=2, n_layers=2, context_length=16)
     for recipe, allowed in [(Recipe(model, 320, 4, 3e-3, "muon", mixed_precision="no"), {"no"}),
                             (Recipe(model, 320, 4, 3e-3, "muon"), {"no", "bf16"})]:
         args = build_parser().parse_args(["--output_dir", "unused", *recipe_arguments(recipe, 0.05, tmp_path)])
         assert args.mixed_precision in allowed and args.optimizer == "muon" and args.max_train_minutes == 0.05
-        assert args.max_steps > 10 and args.warmup_steps == max(args.max_steps // 20, 1)  # tiny steps are fast
+        assert args.schedule_on_clock and args.max_steps == -1 and args.warmup_steps > 1  # tiny steps are fast
 
 
 def test_partial_checkpoints_are_never_resumed(tmp_path):
@@ -201,6 +201,33 @@ def test_wall_clock_budget_stops_cleanly_and_saves(corpus, tmp_path):
     assert "stopped by --max_train_minutes" in (tmp_path / "README.md").read_text()
     saved = AutoTokenizer.from_pretrained(tmp_path)  # the tokenizer trained with the two options
     assert saved.convert_ids_to_tokens(saved(" 42", add_special_tokens=False)["input_ids"]) == ["Ġ", "4", "2"]
+
+
+def test_schedule_on_clock_decays_to_the_end_of_the_budget(corpus, tmp_path):
+    """No step count: warmup by steps, then the cosine follows the training clock and the run ends with the budget,
+    the learning rate decayed to (nearly) nothing; the clock and the decay's start are checkpointed."""
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_train_minutes", "0.1",
+                       "--schedule_on_clock", "--save_steps", "1000000", "--logging_steps", "1", *TINY])
+    assert_ok(result)
+    assert "the learning rate has decayed to its end" in result.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] > 4 and 6.0 <= metrics["train_seconds"] < 15.0
+    rates = [h["train/lr"] for h in json.loads((latest_checkpoint(tmp_path) / "progress.json").read_text())["history"]
+             if "train/lr" in h]
+    peak = max(rates)
+    assert peak == pytest.approx(3e-3) and rates[-1] < 0.02 * peak  # warmup_steps 2 from TINY, then the clock
+    after_peak = rates[rates.index(peak):]
+    assert all(later <= earlier for earlier, later in zip(after_peak, after_peak[1:]))
+    progress = json.loads((latest_checkpoint(tmp_path) / "progress.json").read_text())
+    assert 6.0 <= progress["seconds"] < 15.0 and 0 < progress["decay_start"] < 3.0
+    card = (tmp_path / "README.md").read_text()
+    assert "cosine decay ending with the 0.1-minute budget" in card and "stopped by" not in card
+
+
+def test_schedule_on_clock_needs_a_budget(corpus, tmp_path):
+    result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--schedule_on_clock",
+                       *TINY])
+    assert_clear_failure(result, "--schedule_on_clock needs --max_train_minutes", tmp_path / "out")
 
 
 def test_push_to_hub_uploads_the_folder_without_checkpoints(full_run, monkeypatch):
