@@ -6,8 +6,9 @@
 Each run is `training/pretrain.py` with the recipe for its budget (`gpt2_scratch.pretraining.RECIPES`):
 `--max_train_minutes` with `--schedule_on_clock` (the cosine decay ends with the budget), warmup and the faster of
 fp32 and bf16 autocast chosen by timing the model's steps on this machine (`recipe_arguments`). The tokenizer is
-trained before, and the data tokenised (then cached) before the loop starts: neither counts against the budget. The whole validation split is scored; shakespeare is ASCII, so nats per character =
-bits per byte × ln 2. Not a test: numbers depend on the machine.
+trained before, and the data tokenised (then cached) before the loop starts: neither counts against the budget.
+The whole validation split is scored; shakespeare is ASCII, so nats per character = bits per byte × ln 2.
+Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations

@@ -192,9 +192,9 @@ def language_model_evaluator(
     return evaluate
 
 
-def steps_for_budget(config: GPT2ScratchConfig, args: argparse.Namespace, minutes: float, trials: int = 12) -> int:
-    """Optimizer steps that fit in `minutes` on this machine, from timing real steps of this model with the run's
-    optimizer and precision: how a recipe sizes its warmup and picks its precision."""
+def step_seconds(config: GPT2ScratchConfig, args: argparse.Namespace, trials: int = 12) -> float:
+    """Seconds per optimizer step of this model on this machine, with the run's batch, optimizer and precision:
+    how a recipe sizes its warmup and picks its precision."""
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(config).train()
     optimizers = build_optimizers(model, args)
@@ -210,7 +210,7 @@ def steps_for_budget(config: GPT2ScratchConfig, args: argparse.Namespace, minute
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         timings.append(time.perf_counter() - start)
-    return max(1, int(minutes * 60 / statistics.median(timings[1:])))  # the median resists a shared machine's hiccups
+    return statistics.median(timings[1:])  # the median resists a shared machine's hiccups
 
 
 @dataclass(frozen=True)
@@ -228,12 +228,13 @@ class Recipe:
 
 
 # Recipes for shakespeare on a 2-core CPU, by training budget in minutes; `make demo` uses the 10-minute one.
-# On this CPU many small steps beat few large ones: small models, short contexts, small batches. Muon reaches a
-# lower loss per step than AdamW at ~1.5x the step time here, a net gain; 3 Newton-Schulz steps beat 5 per second.
-# A 2048-token BPE beats 1024 (more characters per step) and 4096 (a costlier head) once bf16 makes the head cheap.
+# On this CPU small models with short contexts win. Muon reaches a lower loss per step than AdamW at ~1.5x the step
+# time here, a net gain; 3 Newton-Schulz steps beat 5 per second. A 2048-token BPE beats 1024 (more characters per
+# step) and 4096 (a costlier head). With bf16, larger batches pay: 32 beat 12-24 and 48-64 in one minute, 16 beat 6
+# in ten (README).
 RECIPES = {
-    1: Recipe(dict(emb_dim=128, n_heads=4, n_layers=4, context_length=64), 2048, 12, 6e-3, "muon", 0.03, 3),
-    10: Recipe(dict(emb_dim=128, n_heads=4, n_layers=6, context_length=128), 2048, 6, 6e-3, "muon", 0.03, 3),
+    1: Recipe(dict(emb_dim=128, n_heads=4, n_layers=4, context_length=64), 2048, 32, 6e-3, "muon", 0.02, 3),
+    10: Recipe(dict(emb_dim=128, n_heads=4, n_layers=6, context_length=128), 2048, 16, 6e-3, "muon", 0.02, 3),
 }
 # The models and optimisers of the pretrained bases that benchmarks/bench_classification.py (reviews) and
 # bench_instruction.py (tasks) were measured with, kept so those benchmarks still train what they measured.
@@ -260,9 +261,12 @@ def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, datase
     # bf16 autocast is ~1.3-1.7x faster per step on a CPU with AVX512-BF16 or AMX, ~4x slower on one with AVX2 only:
     # time both here rather than guess from the CPU's name.
     precisions = ["no", "bf16"] if recipe.mixed_precision == "fastest" else [recipe.mixed_precision]
-    steps, precision = max((steps_for_budget(config, argparse.Namespace(**{**vars(parsed), "mixed_precision": p}),
-                                             minutes), p) for p in precisions)
-    return [*args, "--mixed_precision", precision, "--schedule_on_clock", "--warmup_steps", str(max(steps // 20, 1))]
+    timed = {p: step_seconds(config, argparse.Namespace(**{**vars(parsed), "mixed_precision": p})) for p in precisions}
+    precision = min(timed, key=timed.get)
+    print("timed steps: " + ", ".join(f"{p} {seconds * 1000:.0f} ms" for p, seconds in timed.items())
+          + f"; training in {precision}", flush=True)
+    warmup = max(int(minutes * 60 / timed[precision]) // 20, 1)  # ~5% of the steps the budget holds
+    return [*args, "--mixed_precision", precision, "--schedule_on_clock", "--warmup_steps", str(warmup)]
 
 
 def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -303,8 +307,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                                         accelerator)
     loop = TrainingLoop(accelerator, args, model, train_data, collate_blocks, evaluate)
     accelerator.init_trackers("runs", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
+    length = f"optimizer steps for {args.max_train_minutes:g} minutes" if args.schedule_on_clock \
+        and args.max_steps <= 0 else f"{loop.total_steps} optimizer steps"
     accelerator.print(f"model: {model.num_parameters():,} parameters ({args.preset}, vocab {config.vocab_size}, "
-                      f"context {config.context_length}); {loop.total_steps} optimizer steps on "
+                      f"context {config.context_length}); {length} on "
                       f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}")
     result = loop.run()
     out = Path(args.output_dir)

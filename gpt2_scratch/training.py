@@ -67,8 +67,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop cleanly after this much training time (counted across resumes), and save")
     group.add_argument("--schedule_on_clock", action="store_true",
                        help="with --max_train_minutes: after warmup the cosine decay follows the clock and ends "
-                            "exactly at the budget, however fast the machine runs that day (--max_steps, if given, "
-                            "only caps the steps); without it the decay ends at --max_steps")
+                            "exactly with the budget, however fast the machine runs that day; the budget then ends "
+                            "the run (epochs are not counted; --max_steps, if given, caps the steps)")
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", default=None)
 

@@ -209,6 +209,7 @@ def test_schedule_on_clock_decays_to_the_end_of_the_budget(corpus, tmp_path):
     result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_train_minutes", "0.1",
                        "--schedule_on_clock", "--save_steps", "1000000", "--logging_steps", "1", *TINY])
     assert_ok(result)
+    assert "optimizer steps for 0.1 minutes" in result.stdout
     assert "the learning rate has decayed to its end" in result.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] > 4 and 6.0 <= metrics["train_seconds"] < 15.0
