@@ -245,8 +245,8 @@ TASKS_BASE = Recipe(dict(emb_dim=128, n_heads=4, n_layers=4, context_length=128)
 
 def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, dataset: str = "shakespeare") -> list[str]:
     """training/pretrain.py arguments for a recipe: `minutes` of training whose cosine decay follows the clock (a
-    step count fitted beforehand missed by ±20% on these shared machines: runs cut before the decay's end, or ending
-    early), warmup over the first ~5% of the steps timed here."""
+    step count fitted beforehand missed by up to 28% on these shared machines: runs cut before the decay's end, or
+    ending early), warmup over the first ~5% of the steps timed here."""
     args = ["--dataset", dataset, "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
             "--per_device_train_batch_size", str(recipe.batch_size), "--learning_rate", str(recipe.learning_rate),
             "--optimizer", recipe.optimizer, "--weight_decay", "0.1", "--drop_rate", "0.0",
