@@ -39,15 +39,12 @@ from gpt2_scratch.tokenizer import train_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def score(folder: Path) -> dict[str, float]:
-    """Nats per character of a trained folder on seen text (the training split's tail) and on the validation split."""
-    splits = load_shakespeare()
-    validation = splits["validation"]["text"][0]
-    seen = splits["train"]["text"][0][-len(validation):]
+def score(folder: Path, texts: dict[str, str]) -> dict[str, float]:
+    """Nats per character of a trained folder on each of `texts`."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = GPT2ScratchForCausalLM.from_pretrained(folder).eval()
     scores = {}
-    for name, text in (("seen", seen), ("validation", validation)):
+    for name, text in texts.items():
         tokens = cached_tokens(Dataset.from_dict({"text": [text]}), tokenizer)
         evaluate = language_model_evaluator(tokens, token_byte_lengths(tokenizer), model.config.context_length, 32,
                                             Accelerator(cpu=True))
@@ -69,9 +66,12 @@ def main() -> None:
         for folder in args.score:
             if not (folder / "config.json").is_file():
                 parser.error(f"--score {folder}: not a trained model folder (no config.json)")
+        splits = load_shakespeare()
+        validation = splits["validation"]["text"][0]
+        texts = {"seen": splits["train"]["text"][0][-len(validation):], "validation": validation}
         print("| model | nats/char on text it trained on | on validation | gap |\n|---|---|---|---|")
         for folder in args.score:
-            scores = score(folder)
+            scores = score(folder, texts)
             print(f"| {folder} | {scores['seen']:.4f} | {scores['validation']:.4f} | "
                   f"{scores['validation'] - scores['seen']:.4f} |", flush=True)
         return
@@ -82,7 +82,8 @@ def main() -> None:
     train_text = load_shakespeare()["train"]
     rows = []
     for minutes in args.minutes:
-        recipe = RECIPES[args.recipe or int(minutes)]
+        recipe_minutes = args.recipe or int(minutes)
+        recipe = RECIPES[recipe_minutes]
         vocab = recipe.vocab_size
         tokenizer_dir = Path(args.out) / f"tokenizer-{vocab}"
         if not (tokenizer_dir / "tokenizer.json").is_file():
@@ -93,7 +94,7 @@ def main() -> None:
         print("$", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, env=None)
         metrics = json.loads((out / "metrics.json").read_text())
-        rows.append((minutes, args.recipe or int(minutes), metrics["steps"], metrics["train_seconds"],
+        rows.append((minutes, recipe_minutes, metrics["steps"], metrics["train_seconds"],
                      metrics["bits_per_byte"]))
     print("\n| training budget | recipe | steps | trained for | validation bits/byte | validation nats/char |")
     print("|---|---|---|---|---|---|")
