@@ -18,11 +18,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from peft import get_peft_model
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, set_seed
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, set_seed
 
 from .data import load_hub_dataset, local_files, looks_like_hub_id
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_confusion_matrix, save_loss_curve
+from .loading import check_source, load_model, load_tokenizer
 from .lora import add_lora_arguments, check_target_modules, lora_config, trainable_summary
 from .metrics import load_metric
 from .modeling_gpt2_scratch import GPT2ScratchForSequenceClassification
@@ -52,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--label_column", default="label", help="string or integer labels, two or more classes")
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", required=True,
-                       help="a causal-LM folder saved by gpt2-scratch (or `gpt2-scratch convert --from-hf` output)")
+                       help="a causal-LM folder saved by gpt2-scratch, a stock GPT-2 folder, or a Hub id such as "
+                            "openai-community/gpt2 (OpenAI's weights, converted on load)")
+    model.add_argument("--tokenizer", default=None,
+                       help="a tokenizer folder or Hub id (default: the one of --model_name_or_path)")
     model.add_argument("--train_layers", default="last_block",
                        help="head | last_block (last block, final norm and head) | last:K | all")
     model.add_argument("--lora", action="store_true",
@@ -172,23 +176,11 @@ def tokenize_labelled(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, m
     return tokenized.remove_columns("truncated")
 
 
-def check_base(path: Path) -> None:
-    """A causal-LM folder of ours: stock GPT-2 folders need converting, anything else is a mistake."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--model_name_or_path {path}: not a model folder (no config.json); pretrain one with "
-                                "training/pretrain.py or convert stock GPT-2 with `gpt2-scratch convert --from-hf`")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "gpt2_scratch":
-        raise ValueError(f"--model_name_or_path {path}: model_type is {model_type!r}, not 'gpt2_scratch'; convert it "
-                         f"first: gpt2-scratch convert --from-hf {path} OUT")
-
-
 def load_base(args: argparse.Namespace, names: list[str], pad_token_id: int) -> GPT2ScratchForSequenceClassification:
-    path = Path(args.model_name_or_path)
     overrides = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
-    return GPT2ScratchForSequenceClassification.from_pretrained(
-        path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+    return load_model(
+        GPT2ScratchForSequenceClassification, args.model_name_or_path, "--model_name_or_path",
+        num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
         pad_token_id=pad_token_id, **overrides)
 
 
@@ -282,10 +274,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     check_training_arguments(args)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    check_base(Path(args.model_name_or_path))
+    check_source(args.model_name_or_path, "--model_name_or_path")
     with accelerator.main_process_first():  # the main process downloads and maps; the others read the caches
         splits, names = prepare_labelled(load_splits(args), args)
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        tokenizer = load_tokenizer(args.tokenizer or args.model_name_or_path,
+                                   "--tokenizer" if args.tokenizer else "--model_name_or_path")
     if tokenizer.pad_token is None:  # GPT-2 has none; the model reads the last real token, so padding is never seen
         tokenizer.pad_token = tokenizer.eos_token
     model = load_base(args, names, tokenizer.pad_token_id)

@@ -46,19 +46,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {kind} to {out}")
 
 
-def load_for_generation(model_dir: str):
-    """Model and tokenizer from a folder, through the Auto classes, exactly as any transformers user would."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_generation(source: str):
+    """Model and tokenizer from a folder or a Hub id: a gpt2_scratch model, or a stock GPT-2 converted on load."""
+    from .loading import load_model, load_tokenizer
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"--model {model_dir}: not a model folder (no config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as error:
-        raise UsageError(f"--model {model_dir}: no usable tokenizer in the folder ({error})") from error
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return model, tokenizer
+    where = "--model"
+    tokenizer = load_tokenizer(source, where, remedy="save one into the model folder")
+    return load_model(GPT2ScratchForCausalLM, source, where).eval(), tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -156,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert between stock GPT-2 and gpt2_scratch checkpoints")
     direction = convert.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-hf", metavar="SRC", help="stock transformers GPT-2 folder → gpt2_scratch folder")
+    direction.add_argument("--from-hf", metavar="SRC",
+                           help="stock GPT-2 (a folder, or a Hub id such as openai-community/gpt2) → gpt2_scratch "
+                                "folder")
     direction.add_argument("--to-hf", metavar="SRC", help="gpt2_scratch folder → stock transformers GPT-2 folder")
     convert.add_argument("--out", required=True, metavar="DST", help="output folder")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it already has files")
@@ -173,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--out", required=True, metavar="DIR")
     tokenizer.set_defaults(run=cmd_train_tokenizer)
 
-    generate = commands.add_parser("generate", help="generate text from a saved model folder")
-    generate.add_argument("--model", required=True, metavar="DIR", help="folder with config, weights and tokenizer")
+    generate = commands.add_parser("generate", help="generate text from a model folder or a Hub id")
+    generate.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                          help="a folder with config, weights and tokenizer, or a Hub id (openai-community/gpt2, "
+                               "gpt2-medium, ...: a stock GPT-2 runs in gpt2_scratch's blocks, converted on load)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy decoding")
@@ -185,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     chat = commands.add_parser("chat", help="answer instructions interactively (Alpaca template), streaming tokens")
-    chat.add_argument("--model", required=True, metavar="DIR", help="a causal-LM folder (or a merged model)")
+    chat.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                      help="a causal-LM folder (or a merged model), or a Hub id")
     chat.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder trained on --model")
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (the default)")

@@ -20,12 +20,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from peft import PeftModel, get_peft_model
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase, set_seed
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, set_seed
 
-from .classification import check_base
 from .data import load_hub_dataset
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_loss_curve
+from .loading import check_source, load_model, load_tokenizer
 from .lora import add_lora_arguments, check_target_modules, lora_config, trainable_summary
 from .metrics import load_metric
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--no_mask_prompt", dest="mask_prompt", action="store_false",
                       help="also learn to predict the prompt tokens (default: loss on the response and eos only)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", required=True, help="a causal-LM folder saved by gpt2-scratch")
+    model.add_argument("--model_name_or_path", required=True,
+                       help="a causal-LM folder saved by gpt2-scratch, a stock GPT-2 folder, or a Hub id such as "
+                            "openai-community/gpt2 (OpenAI's weights, converted on load)")
+    model.add_argument("--tokenizer", default=None,
+                       help="a tokenizer folder or Hub id (default: the one of --model_name_or_path)")
     model.add_argument("--merge", action="store_true", help="also write the merged full model to OUTPUT_DIR/merged")
     model.add_argument("--max_new_tokens", type=int, default=64, help="longest generated response in evaluation")
     model.add_argument("--max_eval_examples", type=int, default=None, help="evaluate on the first N test records")
@@ -323,7 +327,8 @@ def validation_loss(validation: Dataset, collate, batch_size: int, accelerator: 
 def save_outputs(out: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, args, result, report: dict,
                  rows: list[dict]) -> None:
     """The adapter folder (with tokenizer, card, predictions, metrics) and with --merge a full model in merged/."""
-    base = str(Path(args.model_name_or_path).resolve())
+    source = Path(args.model_name_or_path)
+    base = str(source.resolve()) if source.exists() else args.model_name_or_path  # a folder, or a Hub id as given
     overall = report["overall"]
     with staged_output(out) as staging:
         model.peft_config["default"].base_model_name_or_path = base
@@ -359,11 +364,12 @@ def run(args: argparse.Namespace) -> dict:
     check_training_arguments(args)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    check_base(Path(args.model_name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    check_source(args.model_name_or_path, "--model_name_or_path")
+    tokenizer = load_tokenizer(args.tokenizer or args.model_name_or_path,
+                               "--tokenizer" if args.tokenizer else "--model_name_or_path")
     if tokenizer.pad_token is None:  # batches pad with eos; the attention mask and -100 labels hide the padding
         tokenizer.pad_token = tokenizer.eos_token
-    model = GPT2ScratchForCausalLM.from_pretrained(args.model_name_or_path)
+    model = load_model(GPT2ScratchForCausalLM, args.model_name_or_path, "--model_name_or_path")
     check_target_modules(model, args.target_modules)
     context = model.config.context_length
     with accelerator.main_process_first():  # the main process downloads and maps; the others read the caches

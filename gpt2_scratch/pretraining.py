@@ -30,6 +30,7 @@ from .data import (
     flat_tokens,
     load_corpus,
     local_files,
+    looks_like_hub_id,
     pack_blocks,
     streaming_blocks,
     token_byte_lengths,
@@ -37,6 +38,7 @@ from .data import (
 )
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_loss_curve
+from .loading import check_source, load_model, load_tokenizer
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .sources import cache_root
 from .tokenizer import load_gpt2_tokenizer, train_tokenizer
@@ -65,14 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--streaming_eval_blocks", type=int, default=16,
                       help="with --streaming: the first N blocks of the stream are the validation split")
     data.add_argument("--tokenizer", default=None,
-                      help="a saved tokenizer folder, or 'gpt2' for OpenAI's BPE; default: train one on the "
-                           "train split")
+                      help="a saved tokenizer folder, a Hub id, or 'gpt2' for OpenAI's BPE; default: the one of "
+                           "--model_name_or_path, or else train one on the train split")
     data.add_argument("--tokenizer_vocab_size", type=int, default=8192, help="size of a tokenizer trained here")
     data.add_argument("--tokenizer_isolate_spaces", action="store_true",
                       help="a tokenizer trained here makes every space its own token")
     data.add_argument("--tokenizer_split_digits", action="store_true",
                       help="a tokenizer trained here gives every digit its own token")
     model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", "--init_from", dest="model_name_or_path", default=None,
+                       help="continue pretraining this model instead of starting from random weights: a gpt2_scratch "
+                            "folder, a stock GPT-2 folder, or a Hub id such as openai-community/gpt2 (OpenAI's "
+                            "weights, converted on load); its shape and context length are kept")
     model.add_argument("--preset", default="cpu-10m", choices=list(PRESETS))
     for name in MODEL_FIELDS:
         model.add_argument(f"--{name}", type=float if name == "drop_rate" else int, default=None,
@@ -87,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 def get_tokenizer(args: argparse.Namespace, train_texts) -> PreTrainedTokenizerBase:
     if args.tokenizer == "gpt2":
         return load_gpt2_tokenizer()
+    if args.tokenizer and not Path(args.tokenizer).exists() and looks_like_hub_id(args.tokenizer):
+        return load_tokenizer(args.tokenizer, "--tokenizer")
+    if args.model_name_or_path and not args.tokenizer:
+        return load_tokenizer(args.model_name_or_path, "--model_name_or_path")
     if args.tokenizer:
         if not Path(args.tokenizer).is_dir():
             raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such folder (save one with save_pretrained, "
@@ -96,6 +106,32 @@ def get_tokenizer(args: argparse.Namespace, train_texts) -> PreTrainedTokenizerB
         raise ValueError("--streaming needs a ready tokenizer: pass --tokenizer DIR or --tokenizer gpt2")
     return train_tokenizer(train_texts, args.tokenizer_vocab_size, show_progress=False,
                            isolate_spaces=args.tokenizer_isolate_spaces, split_digits=args.tokenizer_split_digits)
+
+
+def check_init_from(args: argparse.Namespace) -> None:
+    """With --model_name_or_path the model's shape is the source's: refuse shape arguments, take its context."""
+    if not args.model_name_or_path:
+        return
+    shaped = [f"--{name}" for name in MODEL_FIELDS if name != "drop_rate" and getattr(args, name) is not None]
+    shaped += ["--qkv_bias"] if args.qkv_bias else []
+    shaped += ["--preset"] if args.preset != build_parser().get_default("preset") else []
+    if shaped:
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path} brings its own shape: drop "
+                         f"{', '.join(shaped)}")
+    config = check_source(args.model_name_or_path, "--model_name_or_path")
+    args.context_length = config.get("context_length") or config.get("n_positions")
+
+
+def load_start(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> GPT2ScratchForCausalLM:
+    """The model to train: a new one from the preset, or the weights of --model_name_or_path."""
+    if not args.model_name_or_path:
+        return GPT2ScratchForCausalLM(build_config(args, tokenizer))
+    overrides = {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
+    model = load_model(GPT2ScratchForCausalLM, args.model_name_or_path, "--model_name_or_path", **overrides)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {args.model_name_or_path} has vocab_size "
+                         f"{model.config.vocab_size}; use its own tokenizer")
+    return model.train()
 
 
 def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> GPT2ScratchConfig:
@@ -285,6 +321,7 @@ def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedT
             "causal_lm.md", repo_id=args.hub_model_id or f"gpt2-scratch-{Path(args.dataset).stem}",
             dataset=args.dataset, metrics=metrics, pipeline_tag="text-generation", license=args.license,
             training_config=public_arguments(args), parameters=f"{model.num_parameters():,}", prompt=args.prompt,
+            origin=f"from {args.model_name_or_path}" if args.model_name_or_path else "from scratch",
             training_summary=describe_run(args, result, f"{model.config.context_length} tokens"),
         )
         card.save(staging / "README.md")
@@ -297,11 +334,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     check_training_arguments(args)
     if args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming has no epochs to count: give --max_steps")
+    check_init_from(args)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     tokenizer, train_data, validation_tokens = prepare_data(args, accelerator)
-    config = build_config(args, tokenizer)
-    model = GPT2ScratchForCausalLM(config)
+    model = load_start(args, tokenizer)
+    config = model.config
     evaluate = language_model_evaluator(validation_tokens, token_byte_lengths(tokenizer), config.context_length,
                                         args.per_device_eval_batch_size or args.per_device_train_batch_size,
                                         accelerator)
@@ -309,7 +347,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     accelerator.init_trackers("runs", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
     length = f"optimizer steps for {args.max_train_minutes:g} minutes" if args.schedule_on_clock \
         and args.max_steps <= 0 else f"{loop.total_steps} optimizer steps"
-    accelerator.print(f"model: {model.num_parameters():,} parameters ({args.preset}, vocab {config.vocab_size}, "
+    accelerator.print(f"model: {model.num_parameters():,} parameters ({args.model_name_or_path or args.preset}, "
+                      f"vocab {config.vocab_size}, "
                       f"context {config.context_length}); {length} on "
                       f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}")
     result = loop.run()

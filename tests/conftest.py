@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -142,3 +143,27 @@ def base(tmp_path_factory) -> Path:
     GPT2ScratchForCausalLM(tiny_config(context_length=256, eos_token_id=0, bos_token_id=0)).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def openai_style_folder(stock: GPT2LMHeadModel, path: Path) -> Path:
+    """Write `stock` the way the Hub's openai-community/gpt2 stores it: base-model keys without the `transformer.`
+    prefix, the old causal-mask buffers, and the original config fields."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = stock.config
+    state = {k.removeprefix("transformer."): v for k, v in stock.state_dict().items() if k != "lm_head.weight"}
+    n = config.n_positions
+    for i in range(config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_json(path / "config.json", {
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+        "bos_token_id": config.bos_token_id, "embd_pdrop": 0.1, "eos_token_id": config.eos_token_id,
+        "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": n,
+        "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer, "n_positions": n,
+        "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+        "summary_type": "cls_index", "summary_use_proj": True,
+        "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+        "vocab_size": config.vocab_size,
+    })
+    return path

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import stock_gpt2, tiny_config, write_json
-from safetensors.torch import save_file
+from conftest import openai_style_folder, stock_gpt2, tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2_scratch import GPT2ScratchForCausalLM
@@ -82,29 +81,6 @@ def test_unsupported_gpt2_variant_is_refused():
         from_hf(stock)
 
 
-def openai_style_folder(stock: GPT2LMHeadModel, path):
-    """Write `stock` the way the Hub's openai-community/gpt2 stores it: base-model keys without the `transformer.`
-    prefix, the old causal-mask buffers, and the original config fields."""
-    path.mkdir()
-    config = stock.config
-    state = {k.removeprefix("transformer."): v for k, v in stock.state_dict().items() if k != "lm_head.weight"}
-    n = config.n_positions
-    for i in range(config.n_layer):
-        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
-        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    write_json(path / "config.json", {
-        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
-        "bos_token_id": config.bos_token_id, "embd_pdrop": 0.1, "eos_token_id": config.eos_token_id,
-        "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": n,
-        "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer, "n_positions": n,
-        "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-        "summary_type": "cls_index", "summary_use_proj": True,
-        "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
-        "vocab_size": config.vocab_size,
-    })
-
-
 def test_cli_converts_an_openai_format_folder_and_back(tmp_path, tokenizer, capsys):
     stock = stock_gpt2()
     source = tmp_path / "openai-gpt2"
@@ -126,7 +102,7 @@ def test_cli_converts_an_openai_format_folder_and_back(tmp_path, tokenizer, caps
 
 def test_cli_convert_bad_input(tmp_path, capsys):
     assert cli(["convert", "--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
-    assert "is not a model directory" in capsys.readouterr().err
+    assert "not a model folder (no config.json)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
     (tmp_path / "busy").mkdir()
