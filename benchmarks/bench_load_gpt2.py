@@ -5,9 +5,10 @@ load) against transformers' own `GPT2LMHeadModel.from_pretrained` of the same fo
     .venv/bin/python benchmarks/bench_load_gpt2.py --shape gpt2    # gpt2 (124M) shape
 
 The weights are random (no package ships OpenAI's), saved as safetensors the way the Hub stores them. Each loader
-runs in its own process; its peak resident set (Linux's VmHWM, reset after imports) above the one after imports is reported in MB and in
-copies of the weights, after `from_pretrained` and again after one forward pass (transformers may leave weights
-memory-mapped from the file, resident only once read). Not a test: numbers depend on the machine and the page cache.
+runs in its own process; its peak resident set (Linux's VmHWM, restarted after imports) above the resident set after
+imports is reported in MB and in copies of the weights, after `from_pretrained` and again after one forward pass
+(transformers may leave weights memory-mapped from the file, resident only once read). Not a test: numbers depend on
+the machine and the page cache.
 """
 
 from __future__ import annotations

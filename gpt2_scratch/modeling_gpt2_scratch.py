@@ -251,7 +251,7 @@ def config_from_stock(stock: PreTrainedConfig) -> dict:
 
 def state_dict_from_stock(stock: dict[str, torch.Tensor], n_layers: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
     """Our tensors for a stock GPT-2 state dict (full names, `transformer.` prefix). Tensors are *taken* out of
-    `stock`, so each stock tensor is freed as soon as its converted copy exists: converting never holds two models."""
+    `stock`, so each stock tensor is freed as soon as its converted copy exists: converting holds one model's worth."""
     state = {f"transformer.{ours}": stock.pop(f"transformer.{name}") for name, ours in STOCK_MODEL_TENSORS}
     state.update({ours: stock.pop(name) for name, ours in STOCK_HEADS if name in stock})
     for i in range(n_layers):
@@ -344,11 +344,9 @@ class GPT2ScratchPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
         missing = set(info["missing_keys"]) - cls.new_tensors
-        if not kwargs.get("ignore_mismatched_sizes"):
-            missing |= {str(key[0] if isinstance(key, tuple) else key) for key in info["mismatched_keys"]}
         if missing:
-            raise ValueError(f"{source}: the checkpoint lacks {len(missing)} tensors this model needs, or has them "
-                             f"in another shape: {first_names(missing)}; they would stay at random init")
+            raise ValueError(f"{source}: the checkpoint lacks {len(missing)} tensors this model needs: "
+                             f"{first_names(missing)}; they would stay at random init")
         return (model, info) if want_info else model
 
     @classmethod
