@@ -48,10 +48,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def load_for_generation(source: str):
     """Model and tokenizer from a folder or a Hub id: a gpt2_scratch model, or a stock GPT-2 converted on load."""
-    from .loading import load_model, load_tokenizer
+    from .loading import check_source, load_model, load_tokenizer
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 
     where = "--model"
+    check_source(source, where)
     tokenizer = load_tokenizer(source, where, remedy="save one into the model folder")
     return load_model(GPT2ScratchForCausalLM, source, where).eval(), tokenizer
 
