@@ -7,15 +7,14 @@ mapping is exact, so logits agree to float rounding and a round trip returns the
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.utils import cached_file
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
-from .files import TOKENIZER_FILES, replace_dir_atomically
+from .files import copy_tokenizer_files, replace_dir_atomically
 from .loading import STOCK, source_config
 from .modeling_gpt2_scratch import (
     QKV,
@@ -26,6 +25,10 @@ from .modeling_gpt2_scratch import (
     GPT2ScratchForCausalLM,
     from_stock,
 )
+
+# The files a Hub repository may hold its tokenizer in (transformers' and OpenAI's formats).
+TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "encoder.json", "vocab.bpe"]
 
 
 def config_to_hf(config: GPT2ScratchConfig) -> GPT2Config:
@@ -89,10 +92,10 @@ def convert_directory(source: str | Path, out: str | Path, to_stock: bool) -> Pa
         hint = f"; it is the other kind: use {other}" if model_type in (STOCK, GPT2ScratchConfig.model_type) else ""
         raise ValueError(f"{flag} {source}: model_type is {model_type!r}, not {wanted}{hint}; nothing written")
     model = to_hf(source) if to_stock else from_hf(source)
+    folder = Path(source)
+    if not folder.is_dir():  # a Hub id: its tokenizer files, downloaded (or read from the cache when offline)
+        folder = Path(snapshot_download(str(source), allow_patterns=TOKENIZER_PATTERNS))
     with replace_dir_atomically(out) as tmp:
         model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:  # from a folder, or from the Hub cache for a Hub id
-            found = cached_file(str(source), name, _raise_exceptions_for_missing_entries=False)
-            if found:
-                shutil.copy2(found, tmp / name)
+        copy_tokenizer_files(folder, tmp)
     return Path(out)

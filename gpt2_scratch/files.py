@@ -57,3 +57,12 @@ def staged_output(out: str | Path) -> Iterator[Path]:
         file.replace(out / file.name)
     staging.rmdir()
 
+
+def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
+    """Copy whichever tokenizer files `source` has, so a converted model folder stays usable with AutoTokenizer."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+            copied.append(name)
+    return copied
