@@ -30,6 +30,7 @@ from .modeling_gpt2_scratch import GPT2ScratchForSequenceClassification
 from .sources import LABELLED, stratified_split
 from .training import (
     BEST_MODEL,
+    ArgumentParser,
     TrainingLoop,
     add_training_arguments,
     check_training_arguments,
@@ -42,7 +43,7 @@ TRAIN_LAYERS = re.compile(r"^(head|last_block|all|last:(\d+))$")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fine-tune a GPT-2 text classifier with Accelerate.")
+    parser = ArgumentParser(description="Fine-tune a GPT-2 text classifier with Accelerate.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", nargs="+", default=["rotten_tomatoes"],
                       help="a named source (rotten_tomatoes), .csv/.json/.jsonl/.parquet file(s) or a folder, or a "

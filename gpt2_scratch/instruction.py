@@ -32,6 +32,7 @@ from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .sources import SPLIT_SEED, fetch
 from .tasks import FAMILIES, SENTIMENT, make_tasks
 from .training import (
+    ArgumentParser,
     TrainingLoop,
     add_training_arguments,
     check_training_arguments,
@@ -61,7 +62,7 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Instruction-tune a GPT-2 with PEFT LoRA and Accelerate.")
+    parser = ArgumentParser(description="Instruction-tune a GPT-2 with PEFT LoRA and Accelerate.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", nargs="+", default=["tasks"],
                       help="'tasks' (generated verifiable tasks), 'chatterbot', Alpaca-style .json/.jsonl file(s), or "

@@ -43,9 +43,11 @@ from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .sources import cache_root
 from .tokenizer import load_gpt2_tokenizer, train_tokenizer
 from .training import (
+    ArgumentParser,
     TrainingLoop,
     add_training_arguments,
     build_optimizers,
+    check_memory,
     check_training_arguments,
     describe_run,
     make_accelerator,
@@ -56,7 +58,7 @@ MODEL_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Pretrain a GPT-2 from scratch with Accelerate.")
+    parser = ArgumentParser(description="Pretrain a GPT-2 from scratch with Accelerate.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="shakespeare",
                       help="a named corpus (shakespeare), a .txt/.json/.jsonl/.csv/.parquet file or folder, or a "
@@ -338,6 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     tokenizer, train_data, validation_tokens = prepare_data(args, accelerator)
+    if not args.model_name_or_path:  # refused before it is built; a loaded model is checked by the loop
+        check_memory(args, build_config(args, tokenizer), accelerator.device)
     model = load_start(args, tokenizer)
     config = model.config
     evaluate = language_model_evaluator(validation_tokens, token_byte_lengths(tokenizer), config.context_length,

@@ -1,5 +1,6 @@
 """The training loop every script shares: arguments, AdamW (or Muon + AdamW) + warmup/cosine, accumulation, clipping,
-evaluation, atomic checkpoints with exact resume, a wall-clock budget, TensorBoard, and the Hub-ready output folder.
+evaluation, verified checkpoints with exact resume, a wall-clock budget, a clean stop on Ctrl-C or SIGTERM,
+TensorBoard, and the Hub-ready output folder.
 
 Accelerate does the distribution (`python script.py` or `accelerate launch [--num_processes 2 --cpu] script.py`),
 mixed precision and state saving; this module only decides *what* happens at each step.
@@ -8,16 +9,16 @@ mixed precision and state saving; this module only decides *what* happens at eac
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import re
-import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, NoReturn
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
@@ -27,9 +28,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-PROGRESS_FILE = "progress.json"
+from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .configuration_gpt2_scratch import GPT2ScratchConfig
+from .memory import check_fits, processes_sharing, training_memory
+
 BEST_MODEL = "best_model.pt"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (what was wrong, where to look) and exit status 2, not the usage text of
+    every option followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +73,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="whether a larger --metric_for_best_model is better (default: yes unless it is a loss)")
     group.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     group.add_argument("--logging_steps", type=int, default=10)
-    group.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    group.add_argument("--resume_from_checkpoint", default=None,
+                       help="a checkpoint folder, or 'latest': the newest one whose files match its manifest")
     group.add_argument("--max_train_minutes", type=float, default=None,
                        help="stop cleanly after this much training time (counted across resumes), and save")
     group.add_argument("--schedule_on_clock", action="store_true",
@@ -73,11 +85,64 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_model_id", default=None)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The values a numeric argument accepts: from `low` to `high`, each end included unless open."""
+
+    low: float = 0
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        low = f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        if self.high == math.inf:
+            return low
+        return f"{low} and {'less than' if self.high_open else 'at most'} {self.high:,}"
+
+    def accepts(self, value: float) -> bool:
+        return (value > self.low if self.low_open else value >= self.low) and (
+            value < self.high if self.high_open else value <= self.high)
+
+
+POSITIVE, FRACTION = Limits(1), Limits(0, 1, high_open=True)
+# Every numeric argument of the training scripts, by name. One not listed must be finite and not negative. The upper
+# bounds are where a larger value only hangs: Newton-Schulz iterations, generated examples, a LoRA rank beyond any
+# GPT-2 matrix's smaller side (1,600), a seed numpy cannot take.
+ARGUMENT_LIMITS = {
+    "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE, "learning_rate": Limits(0, low_open=True),
+    "muon_learning_rate": Limits(0, low_open=True), "muon_ns_steps": Limits(1, 100), "weight_decay": Limits(0),
+    "warmup_steps": Limits(0), "max_steps": Limits(-1), "num_train_epochs": Limits(0),
+    "max_grad_norm": Limits(0, low_open=True), "seed": Limits(0, 2 ** 32 - 1), "eval_steps": Limits(0),
+    "save_steps": Limits(0), "logging_steps": POSITIVE, "max_train_minutes": Limits(0, low_open=True),
+    # the model (pretraining)
+    "vocab_size": POSITIVE, "context_length": POSITIVE, "emb_dim": POSITIVE, "n_heads": POSITIVE,
+    "n_layers": POSITIVE, "drop_rate": FRACTION, "tokenizer_vocab_size": Limits(1, 2 ** 31 - 1),
+    "streaming_eval_blocks": POSITIVE,
+    # LoRA, classification and instruction tuning
+    "lora_r": Limits(1, 1600), "lora_alpha": Limits(0, low_open=True), "lora_dropout": FRACTION,
+    "task_train_size": Limits(1, 10 ** 6), "task_test_size": Limits(1, 10 ** 6), "max_new_tokens": POSITIVE,
+    "max_eval_examples": POSITIVE,
+}
+
+
+def check_numeric_arguments(args: argparse.Namespace) -> None:
+    """Every number the user typed is finite and within its limits: NaN, infinity, a negative count or a zero
+    learning rate is one line naming the argument, not a traceback (or a hang) later."""
+    for name, value in vars(args).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}")
+        limits = ARGUMENT_LIMITS.get(name, Limits(0))
+        if not limits.accepts(value):
+            raise ValueError(f"--{name} must be {limits.describe()}, got {value:g}" if isinstance(value, float)
+                             else f"--{name} must be {limits.describe()}, got {value}")
+
+
 def check_training_arguments(args: argparse.Namespace) -> None:
-    positive = ("per_device_train_batch_size", "gradient_accumulation_steps")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_numeric_arguments(args)
     if args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0):
         raise ValueError("nothing to train: give --max_steps > 0 or --num_train_epochs > 0")
     if args.schedule_on_clock and args.max_train_minutes is None:
@@ -87,7 +152,8 @@ def check_training_arguments(args: argparse.Namespace) -> None:
 
 
 def run_script(main: Callable[[], object]) -> None:
-    """Entry point of a training script: bad input is one line on stderr and exit status 2, not a traceback."""
+    """Entry point of a training script: bad input is one line on stderr and exit status 2, not a traceback; Ctrl-C
+    before the training loop (which saves and exits by itself) is one line and exit status 130."""
     from .sources import SourceError
 
     try:
@@ -95,6 +161,9 @@ def run_script(main: Callable[[], object]) -> None:
     except (ValueError, FileNotFoundError, SourceError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing to save", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -198,11 +267,25 @@ def build_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.o
             torch.optim.AdamW(rest, lr=args.learning_rate, betas=(0.9, 0.95))]
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (a complete one has been renamed into place)."""
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
-             if (m := CHECKPOINT.match(p.name)) and (p / PROGRESS_FILE).is_file()]
-    return max(found)[1] if found else None
+def check_memory(args: argparse.Namespace, config: GPT2ScratchConfig, device: torch.device,
+                 model: nn.Module | None = None) -> None:
+    """Refuse settings that cannot fit before anything large is allocated: before the model is built (`model` None:
+    its causal mask and weights count too), or once it is, before the optimizers' state and the first batch (only
+    what is still to come counts, for the parameters the model really trains)."""
+    batch = args.per_device_train_batch_size
+    if model is None:
+        needed = training_memory(config, batch, args.optimizer, args.mixed_precision)
+    else:
+        trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        language_model = getattr(model, "get_output_embeddings", lambda: None)() is not None
+        needed = training_memory(
+            config, batch, args.optimizer, args.mixed_precision, trainable=sum(p.numel() for _, p in trainable),
+            hidden=sum(p.numel() for name, p in trainable if p.ndim == 2 and ".trf_blocks." in name),
+            logits_width=None if language_model else 0)  # a classifier's logits are one row per text: negligible
+        needed = {k: v for k, v in needed.items() if k not in ("causal mask", "parameters")}  # already allocated
+    check_fits(needed, device, processes_sharing(device), f"for batches of {batch} x {config.context_length} tokens",
+               "Lower --per_device_train_batch_size (raising --gradient_accumulation_steps keeps the batch), the "
+               "context length or the model's size.")
 
 
 @dataclass
@@ -244,6 +327,119 @@ def public_arguments(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "push_to_hub"}
 
 
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (`kill`, a job scheduler, `docker stop`) only take note: the loop
+    stops at the next optimizer step's end, saves a checkpoint and exits with 128 + the signal's number (130, 143),
+    as a shell reports a process that signal ended. A repeat changes nothing: `accelerate launch` forwards a Ctrl-C
+    to processes that already had it from the terminal. (SIGKILL cannot be caught: the last checkpoint remains.)"""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self.note)
+        return self
+
+    def note(self, number: int, frame: object) -> None:
+        self.received = self.received or number
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+class Clock:
+    """Training time so far, counted across resumes and the same on every process (the slowest clock decides, so all
+    stop together), read once per optimizer step in one collective that also tells every process whether any of them
+    received a stop signal: they all stop at the same step."""
+
+    def __init__(self, accelerator: Accelerator, seconds_so_far: float) -> None:
+        self.accelerator = accelerator
+        self.origin = time.monotonic() - seconds_so_far
+
+    def read(self, signal_number: int) -> tuple[float, int]:
+        """(training seconds, the stop signal some process received or 0)."""
+        mine = torch.tensor([time.monotonic() - self.origin, signal_number], dtype=torch.float64,
+                            device=self.accelerator.device)
+        seconds, number = self.accelerator.gather(mine).view(-1, 2).max(dim=0).values.tolist()
+        return seconds, int(number)
+
+
+class ProgressBar:
+    """tqdm over optimizer steps; under --max_train_minutes over the budget instead, with the training time elapsed
+    and left (counted across resumes, as the budget is) beside the step and the loss."""
+
+    def __init__(self, total_steps: int | None, budget_minutes: float | None, progress: Progress, enabled: bool,
+                 file: IO[str] | None = None) -> None:
+        self.total_steps, self.budget = total_steps, None if budget_minutes is None else budget_minutes * 60
+        self.first_step, self.first_seconds, self.loss = progress.step, progress.seconds, None
+        if self.budget is None:
+            self.bar = tqdm(total=total_steps, initial=progress.step, disable=not enabled, desc="training", file=file)
+        else:
+            self.bar = tqdm(total=self.budget, initial=min(progress.seconds, self.budget), disable=not enabled,
+                            desc="training", file=file, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+            self.show(progress)
+
+    def show(self, progress: Progress, loss: float | None = None) -> None:
+        self.loss = self.loss if loss is None else loss
+        if self.budget is None:
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.update(progress.step - self.bar.n)
+            return
+        left = max(self.budget - progress.seconds, 0.0)
+        if self.total_steps is not None and progress.step > self.first_step:  # the steps may run out first
+            per_step = (progress.seconds - self.first_seconds) / (progress.step - self.first_step)
+            left = min(left, (self.total_steps - progress.step) * per_step)
+        self.bar.set_postfix_str(
+            f"{tqdm.format_interval(progress.seconds)} elapsed, {tqdm.format_interval(left)} left, step "
+            f"{progress.step}{f'/{self.total_steps}' if self.total_steps else ''}"
+            + ("" if self.loss is None else f", loss {self.loss:.3f}"), refresh=False)
+        self.bar.update(min(progress.seconds, self.budget) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class BestWeights:
+    """--metric_for_best_model: after each evaluation the weights are kept (written aside, then renamed into place)
+    when the metric improves, and the loop returns to them at the end."""
+
+    def __init__(self, accelerator: Accelerator, args: argparse.Namespace, output_dir: Path) -> None:
+        self.accelerator, self.output_dir = accelerator, output_dir
+        self.metric = args.metric_for_best_model
+        self.greater = "loss" not in self.metric if args.greater_is_better is None else args.greater_is_better
+
+    def consider(self, model: nn.Module, metrics: dict[str, float], progress: Progress) -> None:
+        name = f"eval/{self.metric}"
+        if name not in metrics:
+            raise ValueError(f"--metric_for_best_model {self.metric}: the evaluation reports "
+                             f"{', '.join(k.split('/')[-1] for k in metrics)}")
+        best = progress.best_metric
+        if best is not None and not (metrics[name] > best if self.greater else metrics[name] < best):
+            return
+        progress.best_metric, progress.best_step = metrics[name], progress.step
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            partial = self.output_dir / f".{BEST_MODEL}.partial"
+            torch.save(self.accelerator.unwrap_model(model).state_dict(), partial)
+            partial.replace(self.output_dir / BEST_MODEL)
+        self.accelerator.wait_for_everyone()
+
+    def restore(self, model: nn.Module, progress: Progress) -> dict[str, float]:
+        """Load the kept weights back; returns the metrics they were kept for."""
+        state = torch.load(self.output_dir / BEST_MODEL, map_location="cpu", weights_only=True)
+        self.accelerator.unwrap_model(model).load_state_dict(state)
+        kept = next(h for h in reversed(progress.history)
+                    if h["step"] == progress.best_step and f"eval/{self.metric}" in h)
+        self.accelerator.print(f"returned to the weights of step {progress.best_step} (best {self.metric} "
+                               f"{progress.best_metric:.4f})")
+        return {k: v for k, v in kept.items() if k.startswith("eval/")}
+
+
 class TrainingLoop:
     """One optimisation run: `run()` trains, evaluates, checkpoints and returns the final metrics."""
 
@@ -262,6 +458,8 @@ class TrainingLoop:
         self.accelerator, self.args, self.evaluate = accelerator, args, evaluate
         self.compute_loss = compute_loss or (lambda model, batch: model(**batch).loss)
         self.output_dir = Path(args.output_dir)
+        if isinstance(getattr(model, "config", None), GPT2ScratchConfig):
+            check_memory(args, model.config, accelerator.device, model)
         streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
         # Its own generator: creating a batch iterator must not consume the global RNG that dropout draws from.
         loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
@@ -272,69 +470,38 @@ class TrainingLoop:
                              "processes: use --optimizer adamw with FSDP")
         optimizers = build_optimizers(model, args)
         self.model, self.loader, *self.optimizers = accelerator.prepare(model, loader, *optimizers)
-        if streaming:  # no length: the run is counted in steps only
-            self.total_steps = args.max_steps
-        else:
-            batches_per_epoch = len(self.loader)
-            if batches_per_epoch < args.gradient_accumulation_steps:
-                raise ValueError(
-                    f"the training split gives {batches_per_epoch} batches per process, fewer than one optimizer "
-                    f"step ({args.gradient_accumulation_steps} accumulated batches); lower the batch size or add data"
-                )
-            steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
-            self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-                args.num_train_epochs * steps_per_epoch)
-        if args.schedule_on_clock and args.max_steps <= 0:
-            self.total_steps = sys.maxsize  # the clock ends the run
+        self.total_steps = self.count_steps(streaming)
         self.progress = Progress()
-        if args.schedule_on_clock:
+        self.best = BestWeights(accelerator, args, self.output_dir) if args.metric_for_best_model else None
+        self.schedulers = [accelerator.prepare(scheduler) for scheduler in self.build_schedulers(optimizers)]
+        self.signals = StopSignals()
+        self.clock = Clock(accelerator, 0.0)
+
+    def count_steps(self, streaming: bool) -> int:
+        args = self.args
+        if args.schedule_on_clock and args.max_steps <= 0:
+            return sys.maxsize  # the clock ends the run
+        if streaming:  # no length: the run is counted in steps only
+            return args.max_steps
+        batches_per_epoch = len(self.loader)
+        if batches_per_epoch < args.gradient_accumulation_steps:
+            raise ValueError(
+                f"the training split gives {batches_per_epoch} batches per process, fewer than one optimizer "
+                f"step ({args.gradient_accumulation_steps} accumulated batches); lower the batch size or add data"
+            )
+        steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+        return args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+    def build_schedulers(self, optimizers: list[torch.optim.Optimizer]) -> list[LambdaLR]:
+        if self.args.schedule_on_clock:
             def factor(counter: int) -> float:  # a plain function: LambdaLR would try to checkpoint a method's state
                 return self.clock_schedule(counter)
 
-            schedulers = [LambdaLR(optimizer, factor) for optimizer in optimizers]
-        else:  # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-            schedulers = [get_cosine_schedule_with_warmup(optimizer, args.warmup_steps * accelerator.num_processes,
-                                                          self.total_steps * accelerator.num_processes)
-                          for optimizer in optimizers]
-        self.schedulers = [accelerator.prepare(scheduler) for scheduler in schedulers]
-
-    def save_checkpoint(self) -> Path:
-        """`accelerator.save_state` into a hidden folder, then one rename: a kill never leaves a partial checkpoint
-        that looks complete (`latest_checkpoint` only sees renamed folders with their progress file)."""
-        final = self.output_dir / f"checkpoint-{self.progress.step}"
-        partial = self.output_dir / f".checkpoint-{self.progress.step}.partial"
-        if self.accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (partial / PROGRESS_FILE).write_text(json.dumps(self.progress.__dict__))
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def resume(self, where: str) -> None:
-        checkpoint = latest_checkpoint(self.output_dir) if where == "latest" else Path(where)
-        if checkpoint is None or not (checkpoint / PROGRESS_FILE).is_file():
-            raise ValueError(f"--resume_from_checkpoint {where}: no complete checkpoint found in {self.output_dir}"
-                             if where == "latest" else f"--resume_from_checkpoint {where}: not a complete checkpoint")
-        self.accelerator.load_state(str(checkpoint))
-        self.progress = Progress(**json.loads((checkpoint / PROGRESS_FILE).read_text()))
-        self.accelerator.print(f"resumed from {checkpoint} at step {self.progress.step}")
-
-    def log(self, values: dict[str, float]) -> None:
-        self.progress.history.append({"step": self.progress.step, **values})
-        self.accelerator.log(values, step=self.progress.step)
-
-    def read_clock(self, origin: float) -> None:
-        """Training time so far, the same on every process: the slowest clock decides, so all stop together."""
-        mine = torch.tensor([time.monotonic() - origin], dtype=torch.float64, device=self.accelerator.device)
-        self.progress.seconds = self.accelerator.gather(mine).max().item()
-
-    def out_of_time(self) -> bool:
-        return self.args.max_train_minutes is not None and self.progress.seconds > self.args.max_train_minutes * 60
+            return [LambdaLR(optimizer, factor) for optimizer in optimizers]
+        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+        processes = self.accelerator.num_processes
+        return [get_cosine_schedule_with_warmup(optimizer, self.args.warmup_steps * processes,
+                                                self.total_steps * processes) for optimizer in optimizers]
 
     def clock_schedule(self, counter: int) -> float:
         """--schedule_on_clock's learning-rate factor: linear warmup over --warmup_steps (`counter` is the
@@ -349,67 +516,115 @@ class TrainingLoop:
         done = (self.progress.seconds - self.progress.decay_start) / decay_seconds if decay_seconds > 0 else 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.accelerator, self.output_dir, self.progress.step, self.progress.__dict__)
+
+    def resume(self, where: str) -> None:
+        checkpoint, skipped = resolve_checkpoint(self.output_dir, where)
+        for line in skipped:
+            self.accelerator.print(line)
+        self.progress = Progress(**load_checkpoint(self.accelerator, checkpoint))
+        self.accelerator.print(f"resumed from {checkpoint} at step {self.progress.step}")
+
+    def log(self, values: dict[str, float]) -> None:
+        self.progress.history.append({"step": self.progress.step, **values})
+        self.accelerator.log(values, step=self.progress.step)
+
+    def out_of_time(self) -> bool:
+        return self.args.max_train_minutes is not None and self.progress.seconds > self.args.max_train_minutes * 60
+
     def run(self) -> LoopResult:
         args, accelerator = self.args, self.accelerator
         if args.resume_from_checkpoint:
             self.resume(args.resume_from_checkpoint)
         start = time.monotonic()
-        origin = start - self.progress.seconds  # a resumed run's clock goes on from its checkpoint's
-        bar = tqdm(total=None if self.total_steps == sys.maxsize else self.total_steps, initial=self.progress.step,
-                   disable=not accelerator.is_local_main_process, desc="training")
-        time_up, running_loss, running_batches = False, 0.0, 0
+        self.clock = Clock(accelerator, self.progress.seconds)  # a resumed run's clock goes on from its checkpoint's
+        bar = ProgressBar(None if self.total_steps == sys.maxsize else self.total_steps, args.max_train_minutes,
+                          self.progress, enabled=accelerator.is_local_main_process)
+        with self.signals:
+            time_up = self.train(bar)
+            bar.close()
+            seconds = time.monotonic() - start
+            if time_up:
+                accelerator.print(f"--max_train_minutes {args.max_train_minutes} reached at step {self.progress.step}"
+                                  + (": the learning rate has decayed to its end" if args.schedule_on_clock else
+                                     f" of {self.total_steps}: stopped before the schedule's end"))
+            metrics = self.run_evaluation()
+            _, number = self.clock.read(self.signals.received)  # a stop asked for during the final evaluation
+            if number:
+                self.stop(number, self.save_checkpoint())
+        if self.best and self.progress.best_step != self.progress.step:
+            metrics = self.best.restore(self.model, self.progress)
+        stopped_early = time_up and not args.schedule_on_clock  # on the clock, the budget is the planned end
+        return LoopResult(self.progress, metrics, stopped_early, seconds)
+
+    def train(self, bar: ProgressBar) -> bool:
+        """Optimizer steps up to the planned end; True when the time budget ended them first. A stop signal ends
+        them at the next step's end with a checkpoint and the process's exit (`stop`)."""
+        args, accelerator = self.args, self.accelerator
+        running_loss, running_batches = 0.0, 0
         self.model.train()
-        while self.progress.step < self.total_steps and not time_up:
+        while self.progress.step < self.total_steps:
             self.loader.set_epoch(self.progress.epoch)
             batches = accelerator.skip_first_batches(self.loader, self.progress.batches_in_epoch) \
                 if self.progress.batches_in_epoch else self.loader
             for batch in batches:
-                with accelerator.accumulate(self.model):
-                    loss = self.compute_loss(self.model, batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                        self.read_clock(origin)  # before the schedulers step: --schedule_on_clock reads it
-                    for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                loss, stop_signal = self.micro_step(batch)
                 self.progress.batches_in_epoch += 1
-                running_loss += loss.detach().float().item()
-                running_batches += 1
+                running_loss, running_batches = running_loss + loss, running_batches + 1
                 if not accelerator.sync_gradients:
                     continue
                 self.progress.step += 1
-                bar.update(1)
                 if self.progress.step % args.logging_steps == 0:
                     train_loss = running_loss / running_batches
-                    bar.set_postfix(loss=f"{train_loss:.3f}")
                     self.log({"train/loss": train_loss, "train/lr": self.schedulers[-1].get_last_lr()[0]})
                     running_loss, running_batches = 0.0, 0
+                    bar.show(self.progress, train_loss)
+                else:
+                    bar.show(self.progress)
                 if args.eval_steps and self.progress.step % args.eval_steps == 0 \
                         and self.progress.step < self.total_steps:
                     self.run_evaluation()
                 time_up = self.out_of_time() and self.progress.step < self.total_steps
-                if args.save_steps and (self.progress.step % args.save_steps == 0 or time_up):
-                    self.save_checkpoint()
-                if self.progress.step >= self.total_steps or time_up:
-                    break
-            else:  # the epoch ran out
-                self.progress.epoch += 1
-                self.progress.batches_in_epoch = 0
-                if args.eval_strategy == "epoch" and self.progress.step < self.total_steps:
-                    self.run_evaluation()
-        bar.close()
-        seconds = time.monotonic() - start
-        stopped_early = time_up and not args.schedule_on_clock  # on the clock, the budget is the planned end
-        if time_up:
-            accelerator.print(f"--max_train_minutes {args.max_train_minutes} reached at step {self.progress.step}" + (
-                ": the learning rate has decayed to its end" if args.schedule_on_clock else
-                f" of {self.total_steps}: stopped before the schedule's end"))
-        metrics = self.run_evaluation()
-        if args.metric_for_best_model and self.progress.best_step != self.progress.step:
-            metrics = self.restore_best_model()
-        return LoopResult(self.progress, metrics, stopped_early, seconds)
+                checkpoint = None
+                if stop_signal or args.save_steps and (self.progress.step % args.save_steps == 0 or time_up):
+                    checkpoint = self.save_checkpoint()
+                if stop_signal:
+                    self.stop(stop_signal, checkpoint)
+                if time_up:
+                    return True
+                if self.progress.step >= self.total_steps:
+                    return False
+            # the epoch ran out
+            self.progress.epoch += 1
+            self.progress.batches_in_epoch = 0
+            if args.eval_strategy == "epoch" and self.progress.step < self.total_steps:
+                self.run_evaluation()
+        return False
+
+    def micro_step(self, batch: dict) -> tuple[float, int]:
+        """Forward and backward on one batch; at the last batch of an accumulation, clip, read the clock and step.
+        Returns the batch's loss and the stop signal some process received (0: none; read at optimizer steps)."""
+        accelerator, stop_signal = self.accelerator, 0
+        with accelerator.accumulate(self.model):
+            loss = self.compute_loss(self.model, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+                # before the schedulers step: --schedule_on_clock reads the time
+                self.progress.seconds, stop_signal = self.clock.read(self.signals.received)
+            for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        return loss.detach().float().item(), stop_signal
+
+    def stop(self, number: int, checkpoint: Path) -> NoReturn:
+        """The end of a run a signal stopped: one line saying how to go on, and the shell's status for the signal."""
+        if self.accelerator.is_main_process:
+            print(f"stopped by {signal.Signals(number).name} after step {self.progress.step}: saved {checkpoint}; to "
+                  "go on, run the same command with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+        raise SystemExit(128 + number)
 
     def run_evaluation(self) -> dict[str, float]:
         self.model.eval()
@@ -418,36 +633,6 @@ class TrainingLoop:
         self.model.train()
         self.log(metrics)
         self.accelerator.print(f"step {self.progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if self.args.metric_for_best_model:
-            self.keep_if_best(metrics)
+        if self.best:
+            self.best.consider(self.model, metrics, self.progress)
         return metrics
-
-    def keep_if_best(self, metrics: dict[str, float]) -> None:
-        """Save the weights when the chosen validation metric improves (written aside, then renamed into place)."""
-        name = f"eval/{self.args.metric_for_best_model}"
-        if name not in metrics:
-            raise ValueError(f"--metric_for_best_model {self.args.metric_for_best_model}: the evaluation reports "
-                             f"{', '.join(k.split('/')[-1] for k in metrics)}")
-        greater = self.args.greater_is_better
-        if greater is None:
-            greater = "loss" not in name
-        best = self.progress.best_metric
-        if best is not None and not (metrics[name] > best if greater else metrics[name] < best):
-            return
-        self.progress.best_metric, self.progress.best_step = metrics[name], self.progress.step
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            partial = self.output_dir / f".{BEST_MODEL}.partial"
-            torch.save(self.accelerator.unwrap_model(self.model).state_dict(), partial)
-            partial.replace(self.output_dir / BEST_MODEL)
-        self.accelerator.wait_for_everyone()
-
-    def restore_best_model(self) -> dict[str, float]:
-        """Load the kept weights back; returns the metrics they were kept for."""
-        state = torch.load(self.output_dir / BEST_MODEL, map_location="cpu", weights_only=True)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state)
-        kept = next(h for h in reversed(self.progress.history)
-                    if h["step"] == self.progress.best_step and f"eval/{self.args.metric_for_best_model}" in h)
-        self.accelerator.print(f"returned to the weights of step {self.progress.best_step} (best "
-                               f"{self.args.metric_for_best_model} {self.progress.best_metric:.4f})")
-        return {k: v for k, v in kept.items() if k.startswith("eval/")}

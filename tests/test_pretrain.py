@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -22,9 +23,9 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from gpt2_scratch.checkpoints import latest_checkpoint, write_manifest
 from gpt2_scratch.hub import push_folder
 from gpt2_scratch.pretraining import Recipe, build_parser, recipe_arguments
-from gpt2_scratch.training import latest_checkpoint
 
 TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
         "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
@@ -92,10 +93,16 @@ def test_output_folder_is_hub_ready(full_run, tmp_path):
 
 
 def test_resume_from_step_4_gives_the_uninterrupted_weights(full_run, corpus, tmp_path):
+    """`latest` passes over a newer checkpoint whose weights were cut short (a full disk, a truncated copy), says so,
+    and resumes from the intact one before it."""
     shutil.copytree(full_run / "checkpoint-4", tmp_path / "checkpoint-4")
+    shutil.copytree(full_run / "checkpoint-8", tmp_path / "checkpoint-8")
+    with open(tmp_path / "checkpoint-8" / "model.safetensors", "r+b") as weights_file:
+        weights_file.truncate(4)  # safetensors alone would fail with "invalid header length"
     result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path), "--max_steps", "8", "--save_steps",
                        "4", "--eval_steps", "4", "--resume_from_checkpoint", "latest", *TINY])
     assert_ok(result)
+    assert "skipped checkpoint-8: model.safetensors is 4 bytes where the manifest says" in result.stdout
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     assert_same_weights(full_run, tmp_path)
 
@@ -134,31 +141,72 @@ def test_recipe_arguments_fit_the_budget_in_a_precision(tokenizer, tmp_path):
 def test_partial_checkpoints_are_never_resumed(tmp_path):
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "checkpoint-4" / "progress.json").write_text("{}")
+    write_manifest(tmp_path / "checkpoint-4")
     (tmp_path / ".checkpoint-8.partial").mkdir()  # a save killed half-way
-    (tmp_path / "checkpoint-12").mkdir()  # renamed but without its progress file: not ours
+    (tmp_path / "checkpoint-12").mkdir()  # renamed but without its manifest: not ours
+    (tmp_path / "checkpoint-12" / "progress.json").write_text("{}")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
 
 
-def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):
-    args = ["--dataset", str(corpus), "--max_steps", "60", "--save_steps", "2", *TINY]
-    reference = tmp_path / "reference"
-    assert_ok(pretrain([*args, "--output_dir", str(reference)]))
+@pytest.fixture(scope="module")
+def reference_60(corpus, tmp_path_factory) -> Path:
+    """60 steps uninterrupted: what every killed or stopped run must end with, bit for bit, once resumed."""
+    out = tmp_path_factory.mktemp("reference")
+    assert_ok(pretrain(["--dataset", str(corpus), "--max_steps", "60", "--save_steps", "2", *TINY, "--output_dir",
+                        str(out)]))
+    return out
 
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_killed_or_stopped_mid_training_resumes_to_the_same_weights(corpus, tmp_path, reference_60, stop):
+    """SIGKILL: the last complete checkpoint remains. SIGINT (Ctrl-C) and SIGTERM: the run stops at the end of the
+    step it is in, saves a checkpoint there, says how to go on and exits 130 / 143. Either way the resumed run ends
+    with the uninterrupted run's weights."""
+    args = ["--dataset", str(corpus), "--max_steps", "60", "--save_steps", "2", *TINY]
     killed = tmp_path / "killed"
-    process = pretrain([*args, "--output_dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = pretrain([*args, "--output_dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True)
     deadline = time.monotonic() + 300
     while latest_checkpoint(killed) is None or latest_checkpoint(killed).name == "checkpoint-2":
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    stderr = process.communicate(timeout=120)[1]
     assert not (killed / "config.json").exists()  # no final model: the run did not finish
     last = latest_checkpoint(killed)
+    if stop == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+    else:
+        assert process.returncode == 128 + stop, stderr
+        step = int(last.name.split("-")[1])
+        assert 4 <= step < 60 and "Traceback" not in stderr
+        assert (f"stopped by {stop.name} after step {step}: saved {last}; to go on, run the same command with "
+                "--resume_from_checkpoint latest") in stderr.splitlines()
     result = pretrain([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     assert_ok(result)
     assert f"resumed from {last}" in result.stdout
-    assert_same_weights(reference, killed)
+    assert_same_weights(reference_60, killed)
+
+
+def test_ctrl_c_stops_every_process_at_the_same_step(corpus, tmp_path):
+    """Ctrl-C reaches every process of `accelerate launch` (the terminal signals the whole group, and the launcher
+    forwards it again): all processes agree on one step, each saves its part of one verified checkpoint, and the
+    line saying how to go on is printed once."""
+    out = tmp_path / "out"
+    process = pretrain(["--dataset", str(corpus), "--output_dir", str(out), "--max_steps", "100000", "--eval_steps",
+                        "1", *TINY], launcher=TWO_PROCESSES, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("step 1:"):  # both processes are in the loop: they evaluated step 1 together
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    last = latest_checkpoint(out)
+    assert last is not None and {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last.iterdir()}
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped by SIGINT")]
+    assert stopped == [f"stopped by SIGINT after step {last.name.split('-')[1]}: saved {last}; to go on, run the same "
+                       "command with --resume_from_checkpoint latest"], stderr
 
 
 def test_two_processes_with_accelerate_launch(corpus, tmp_path):
