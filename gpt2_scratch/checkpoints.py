@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "manifest.json"
@@ -121,10 +122,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, progr
             write_manifest(partial)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-    except OSError as error:  # a full disk, a quota: say so and what is still good, rather than a traceback
+    except (OSError, SafetensorError) as error:  # a full disk, a quota: say so and what is still good
         shutil.rmtree(partial, ignore_errors=True)
         intact = latest_checkpoint(output_dir)
-        raise CheckpointError(f"writing {final} failed ({error.strerror or error}); "
+        raise CheckpointError(f"writing {final} failed ({getattr(error, 'strerror', None) or error}); "
                               + (f"{intact.name} is intact and resumable" if intact else "no checkpoint is intact")
                               ) from None
     accelerator.wait_for_everyone()

@@ -104,6 +104,11 @@ class GPT2ScratchConfig(PreTrainedConfig):
             )
         if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPT2ScratchConfig: drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        # NaN fails every comparison, so "not (0 < x < inf)" also refuses it: a NaN here would poison every output.
+        for name, low in (("layer_norm_epsilon", 0.0), ("initializer_range", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < float("inf"):
+                raise ValueError(f"GPT2ScratchConfig: {name} must be a positive finite number, got {value!r}")
 
     @property
     def head_dim(self) -> int:

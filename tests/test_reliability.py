@@ -1,0 +1,321 @@
+"""What real machines do to a training run: damaged checkpoints, signals, settings that cannot fit, and whatever a
+user types. The end-to-end kills and stops (SIGKILL, SIGINT, SIGTERM, Ctrl-C under `accelerate launch`) are in
+test_pretrain.py; here the pieces, in-process, and hypothesis over config values and the scripts' numeric arguments."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import TEXT, assert_clear_failure, run_training_script, tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, classification, instruction, pretraining
+from gpt2_scratch.checkpoints import (
+    MANIFEST_FILE,
+    CheckpointError,
+    checkpoint_problem,
+    find_latest,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from gpt2_scratch.cli import count_parameters
+from gpt2_scratch.memory import available_memory, parameter_count, training_memory
+from gpt2_scratch.training import (
+    ARGUMENT_LIMITS,
+    Limits,
+    Progress,
+    ProgressBar,
+    StopSignals,
+    check_memory,
+    check_training_arguments,
+    run_script,
+)
+
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def prepared(config: GPT2ScratchConfig) -> Accelerator:
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = GPT2ScratchForCausalLM(config)
+    accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    return accelerator
+
+
+@pytest.fixture
+def checkpoints(tmp_path) -> Path:
+    """checkpoint-2 and checkpoint-4 of a tiny model, as the loop saves them."""
+    accelerator = prepared(tiny_config())
+    for step in (2, 4):
+        save_checkpoint(accelerator, tmp_path, step, {"step": step})
+    return tmp_path
+
+
+def test_every_file_of_a_checkpoint_is_in_its_manifest(checkpoints):
+    folder = checkpoints / "checkpoint-4"
+    listed = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    assert set(listed) == {p.name for p in folder.iterdir()} - {MANIFEST_FILE}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "progress.json"} <= set(listed)
+    assert listed["model.safetensors"]["size"] == (folder / "model.safetensors").stat().st_size
+    assert checkpoint_problem(folder) is None and not list(checkpoints.glob(".*"))  # no partial folder left behind
+
+
+def truncate(path: Path) -> None:
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size: only the sha256 can tell
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated": (lambda f: truncate(f / "model.safetensors"), "model.safetensors is", "(truncated?)"),
+    "missing": (lambda f: (f / "optimizer.bin").unlink(), "optimizer.bin is missing", ""),
+    "bit-flipped": (lambda f: flip_a_bit(f / "model.safetensors"), "model.safetensors differs from the sha256", ""),
+    "no manifest": (lambda f: (f / MANIFEST_FILE).unlink(), "no manifest.json", ""),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_latest_passes_over_a_damaged_checkpoint_and_says_why(checkpoints, damage):
+    spoil, reason, detail = DAMAGE[damage]
+    spoil(checkpoints / "checkpoint-4")
+    found, skipped = find_latest(checkpoints)
+    assert found == checkpoints / "checkpoint-2"
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped checkpoint-4: {reason}") and detail in skipped[0]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_named_explicitly_is_one_line_and_exit_2(checkpoints, damage, capsys):
+    spoil, reason, _ = DAMAGE[damage]
+    spoil(checkpoints / "checkpoint-4")
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-4")))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --resume_from_checkpoint {checkpoints / 'checkpoint-4'}: {reason}")
+    assert err.rstrip().endswith("intact beside it: checkpoint-2")
+
+
+def test_latest_with_nothing_intact_says_what_it_skipped(checkpoints):
+    for step in (2, 4):
+        truncate(checkpoints / f"checkpoint-{step}" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*skipped checkpoint-4: .*; skipped "
+                                              r"checkpoint-2: model.safetensors is"):
+        resolve_checkpoint(checkpoints, "latest")
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoints):
+    accelerator = prepared(tiny_config(emb_dim=64))
+    with pytest.raises(CheckpointError, match="does not fit this run's model or optimizer") as error:
+        load_checkpoint(accelerator, checkpoints / "checkpoint-4")
+    assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_resumable(checkpoints):
+    """A full disk (here: a file-size limit, which fails a write the same way) while saving: one line naming the
+    checkpoint still intact, and nothing that looks like a checkpoint. Run in a child so the limit binds only it."""
+    code = f"""
+import pathlib, resource, signal, torch
+from accelerate import Accelerator
+from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+from gpt2_scratch.checkpoints import CheckpointError, save_checkpoint
+accelerator = Accelerator(cpu=True)
+model = GPT2ScratchForCausalLM(GPT2ScratchConfig(vocab_size=320, context_length=64, emb_dim=48, n_heads=4, n_layers=2))
+accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as one fails with ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    save_checkpoint(accelerator, pathlib.Path({str(checkpoints)!r}), 6, {{"step": 6}})
+except CheckpointError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.startswith(f"writing {checkpoints / 'checkpoint-6'} failed ("), result.stdout + result.stderr
+    assert "File too large" in result.stdout and "checkpoint-4 is intact and resumable" in result.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_stop_signals_are_noted_not_raised_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat (the launcher forwarding Ctrl-C) changes nothing
+        assert signals.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_progress_bar_shows_time_elapsed_and_left_under_a_budget():
+    out = io.StringIO()
+    bar = ProgressBar(100, 10.0, Progress(step=30, seconds=150.0), enabled=True, file=out)
+    assert "02:30 elapsed, 07:30 left, step 30/100" in str(bar.bar) and "25%" in str(bar.bar)
+    bar.show(Progress(step=60, seconds=300.0), loss=2.5)  # 5 s a step: the 40 steps left end before the budget
+    assert "05:00 elapsed, 03:20 left, step 60/100, loss 2.500" in str(bar.bar) and "50%" in str(bar.bar)
+    bar.close()
+    steps = ProgressBar(100, None, Progress(step=3), enabled=True, file=io.StringIO())
+    steps.show(Progress(step=5), loss=1.0)
+    assert "5/100" in str(steps.bar) and "loss=1.000" in str(steps.bar)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"tie_word_embeddings": False}, {"n_layers": 3}])
+def test_parameter_count_from_the_config_matches_the_model(overrides):
+    config = tiny_config(**overrides)
+    assert parameter_count(config) == count_parameters(config)
+
+
+def training_args(**overrides) -> argparse.Namespace:
+    return pretraining.build_parser().parse_args(["--output_dir", "unused", *[
+        item for name, value in overrides.items() for item in (f"--{name}", str(value))]])
+
+
+def test_the_issues_context_length_is_refused_before_allocating_with_the_estimate():
+    """cpu-10m with --context_length 100000 (the kernel used to kill it for memory): refused, with the parts."""
+    config = GPT2ScratchConfig.from_preset("cpu-10m", context_length=100_000)
+    with pytest.raises(ValueError) as error:
+        check_memory(training_args(context_length=100_000), config, torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith("this run needs at least ") and "\n" not in message
+    for part in ("causal mask 9.3 GiB", "parameters", "gradients", "optimizer state", "activations",
+                 "for batches of 8 x 100000 tokens", "is available to the system on cpu", "--per_device_train_batch"):
+        assert part in message, message
+    check_memory(training_args(), GPT2ScratchConfig.from_preset("cpu-10m"), torch.device("cpu"))  # fits
+
+
+def test_the_estimate_counts_what_a_training_step_holds():
+    config = tiny_config()
+    parts = training_memory(config, 4)
+    params = parameter_count(config)
+    assert parts["causal mask"] == 64 * 64 and parts["parameters"] == parts["gradients"] == 4 * params
+    assert parts["optimizer state"] == 8 * params  # AdamW: two moments
+    muon = training_memory(config, 4, "muon")["optimizer state"]
+    assert muon == 4 * 2 * 12 * 48 ** 2 + 8 * (params - 2 * 12 * 48 ** 2)  # one momentum for the blocks' matrices
+    assert training_memory(config, 8)["activations"] == 2 * parts["activations"]  # linear in the batch
+    assert training_memory(config, 4, mixed_precision="bf16")["activations"] < parts["activations"]
+
+
+def test_available_memory_is_the_least_of_system_and_cgroup():
+    available, source = available_memory(torch.device("cpu"))
+    with open("/proc/meminfo") as meminfo:
+        system = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
+    assert 0 < available <= system * 1.1 and source
+
+
+def test_settings_that_cannot_fit_end_to_end_are_refused_without_allocating(tmp_path):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(TEXT * 40)  # enough tokens for one block of 10,000
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = run_training_script("pretrain.py", [
+        "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--preset", "cpu-1m", "--tokenizer_vocab_size",
+        "300", "--context_length", "10000", "--n_layers", "4000", "--max_steps", "2"])
+    assert_clear_failure(result, "this run needs at least", tmp_path / "out")
+    assert len(result.stderr.strip().splitlines()) == 1 and "GiB" in result.stderr
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert max(peak_kib, before) < 3 * 2 ** 20  # under 3 GiB: nothing of the model was built
+
+
+# --- what a user types: every numeric argument of every script, and config values ---------------------------------
+
+SCRIPTS = {
+    "pretrain": (pretraining, []),
+    "classification": (classification, ["--model_name_or_path", "unused"]),
+    "instruction": (instruction, ["--model_name_or_path", "unused"]),
+}
+
+
+def numeric_options(module) -> list[str]:
+    return sorted({action.dest for action in module.build_parser()._actions if action.type in (int, float)})
+
+
+def validate(script: str, argv: list[str]) -> tuple[int, str]:
+    """A script's parsing and argument checks, in-process, as `run_script` reports them: (exit status, stderr)."""
+    module, required = SCRIPTS[script]
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        try:
+            run_script(lambda: check_training_arguments(
+                module.build_parser().parse_args(["--output_dir", "unused", *required, *argv])))
+        except SystemExit as exit_info:
+            return exit_info.code, stderr.getvalue()
+    return 0, stderr.getvalue()
+
+
+def test_every_numeric_argument_has_declared_limits():
+    for script, (module, _) in SCRIPTS.items():
+        assert set(numeric_options(module)) <= set(ARGUMENT_LIMITS), script
+
+
+TYPED = st.one_of(
+    st.sampled_from(["-1", "0", "nan", "inf", "-inf", "1e308", "-0.5", "0.5", str(2 ** 64), str(10 ** 30), "1"]),
+    st.integers(min_value=-(2 ** 70), max_value=2 ** 70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_number_typed_is_accepted_or_one_line_and_exit_2(data):
+    script = data.draw(st.sampled_from(sorted(SCRIPTS)))
+    name = data.draw(st.sampled_from(numeric_options(SCRIPTS[script][0])))
+    typed = data.draw(TYPED)
+    code, err = validate(script, [f"--{name}", typed])
+    if code == 0:
+        value = float(typed)
+        assert math.isfinite(value) and ARGUMENT_LIMITS[name].accepts(value) and err == ""
+    else:
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+        assert f"--{name}" in err and "Traceback" not in err, err
+
+
+def test_a_bad_number_through_the_real_script_is_one_line(tmp_path):
+    result = run_training_script("pretrain.py", ["--output_dir", str(tmp_path / "out"), "--learning_rate", "nan"])
+    assert_clear_failure(result, "error: --learning_rate must be a finite number, got nan", tmp_path / "out")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_limits_describe_themselves():
+    assert Limits(1).describe() == "at least 1"
+    assert Limits(0, 1, high_open=True).describe() == "at least 0 and less than 1"
+    assert Limits(0, low_open=True).describe() == "greater than 0"
+
+
+FIELD_VALUES = st.one_of(
+    st.integers(min_value=-(2 ** 64), max_value=2 ** 64), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, -1, 1, 2 ** 63, True, None, "12", 0.5]))
+FIELDS = ["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "layer_norm_epsilon",
+          "initializer_range"]
+
+
+@FUZZ
+@given(values=st.dictionaries(st.sampled_from(FIELDS), FIELD_VALUES, min_size=1, max_size=4))
+def test_any_config_is_built_or_refused_in_one_line_and_any_built_one_is_estimated_or_refused(values):
+    try:
+        config = GPT2ScratchConfig(**{**dict(vocab_size=64, context_length=16, emb_dim=16, n_heads=2, n_layers=1),
+                                      **values})
+    except ValueError as error:
+        assert str(error).startswith("GPT2ScratchConfig: ") and "\n" not in str(error)
+        assert any(name in str(error) for name in values), (values, error)
+        return
+    parts = training_memory(config, 8)
+    assert all(isinstance(size, int) and size >= 0 for size in parts.values()) and parts["parameters"] > 0
+    try:
+        check_memory(training_args(), config, torch.device("cpu"))
+    except ValueError as error:  # a huge one: refused with the estimate, never built
+        assert str(error).startswith("this run needs at least ") and "\n" not in str(error)
