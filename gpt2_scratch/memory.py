@@ -39,9 +39,10 @@ def hidden_matrix_count(config: GPT2ScratchConfig) -> int:
 
 
 def causal_mask_bytes(config: GPT2ScratchConfig) -> int:
-    """The causal mask: one context x context bool, shared by every block (the modeling file's design; if each block
-    held its own, this would be n_layers times as much)."""
-    return config.context_length ** 2
+    """The causal mask a training step builds. The model holds none between calls (the seed's one buffer per block
+    cost n_layers x context²): a call that needs one builds a (queries x keys) bool once for every block, and the
+    fused kernel (sdpa), with nothing padded, masks by itself. Change this if the modeling file's design changes."""
+    return config.context_length ** 2 if getattr(config, "_attn_implementation", None) == "eager" else 0
 
 
 def training_memory(config: GPT2ScratchConfig, batch_size: int, optimizer: str = "adamw",

@@ -270,8 +270,8 @@ def build_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.o
 def check_memory(args: argparse.Namespace, config: GPT2ScratchConfig, device: torch.device,
                  model: nn.Module | None = None) -> None:
     """Refuse settings that cannot fit before anything large is allocated: before the model is built (`model` None:
-    its causal mask and weights count too), or once it is, before the optimizers' state and the first batch (only
-    what is still to come counts, for the parameters the model really trains)."""
+    its weights count too), or once it is, before the optimizers' state and the first batch (only what is still to
+    come counts, for the parameters the model really trains)."""
     batch = args.per_device_train_batch_size
     if model is None:
         needed = training_memory(config, batch, args.optimizer, args.mixed_precision)
@@ -282,7 +282,7 @@ def check_memory(args: argparse.Namespace, config: GPT2ScratchConfig, device: to
             config, batch, args.optimizer, args.mixed_precision, trainable=sum(p.numel() for _, p in trainable),
             hidden=sum(p.numel() for name, p in trainable if p.ndim == 2 and ".trf_blocks." in name),
             logits_width=None if language_model else 0)  # a classifier's logits are one row per text: negligible
-        needed = {k: v for k, v in needed.items() if k not in ("causal mask", "parameters")}  # already allocated
+        needed = {k: v for k, v in needed.items() if k != "parameters"}  # already allocated
     check_fits(needed, device, processes_sharing(device), f"for batches of {batch} x {config.context_length} tokens",
                "Lower --per_device_train_batch_size (raising --gradient_accumulation_steps keeps the batch), the "
                "context length or the model's size.")
