@@ -274,14 +274,15 @@ def check_memory(args: argparse.Namespace, config: GPT2ScratchConfig, device: to
     come counts, for the parameters the model really trains)."""
     batch = args.per_device_train_batch_size
     if model is None:
-        needed = training_memory(config, batch, args.optimizer, args.mixed_precision)
+        needed = training_memory(config, batch, args.optimizer, args.mixed_precision, device_type=device.type)
     else:
         trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         language_model = getattr(model, "get_output_embeddings", lambda: None)() is not None
         needed = training_memory(
             config, batch, args.optimizer, args.mixed_precision, trainable=sum(p.numel() for _, p in trainable),
             hidden=sum(p.numel() for name, p in trainable if p.ndim == 2 and ".trf_blocks." in name),
-            logits_width=None if language_model else 0)  # a classifier's logits are one row per text: negligible
+            logits_width=None if language_model else 0,  # a classifier's logits are one row per text: negligible
+            device_type=device.type)
         needed = {k: v for k, v in needed.items() if k != "parameters"}  # already allocated
     check_fits(needed, device, processes_sharing(device), f"for batches of {batch} x {config.context_length} tokens",
                "Lower --per_device_train_batch_size (raising --gradient_accumulation_steps keeps the batch), the "

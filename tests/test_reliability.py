@@ -213,6 +213,10 @@ def test_the_estimate_counts_what_a_training_step_holds():
     assert muon == 4 * 2 * 12 * 48 ** 2 + 8 * (params - 2 * 12 * 48 ** 2)  # one momentum for the blocks' matrices
     assert training_memory(config, 8)["activations"] == 2 * parts["activations"]  # linear in the batch
     assert training_memory(config, 4, mixed_precision="bf16")["activations"] < parts["activations"]
+    # with dropout, the CPU's fused kernel keeps every head's weights (4 bytes each, 3 copies, and the mask's byte)
+    scores = 2 * 4 * 4 * 64 ** 2 * 13
+    assert training_memory(tiny_config(drop_rate=0.1), 4)["activations"] == parts["activations"] + scores
+    assert training_memory(tiny_config(drop_rate=0.1), 4, device_type="cuda")["activations"] == parts["activations"]
 
 
 def test_available_memory_is_the_least_of_system_and_cgroup():
@@ -323,3 +327,13 @@ def test_any_config_is_built_or_refused_in_one_line_and_any_built_one_is_estimat
         check_memory(training_args(), config, torch.device("cpu"))
     except ValueError as error:  # a huge one: refused with the estimate, never built
         assert str(error).startswith("this run needs at least ") and "\n" not in str(error)
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(capsys):
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(interrupted)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted before training started: nothing to save\n"
