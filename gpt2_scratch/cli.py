@@ -1,8 +1,10 @@
-"""`gpt2-scratch` command line: convert checkpoints, generate text, chat, train tokenizers, list presets."""
+"""`gpt2-scratch` command line: convert checkpoints, generate text, chat, train tokenizers, list presets, and look
+inside: how a text is tokenised, and where each attention head looks."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,6 +145,95 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
           f"trained in {report.seconds:.1f} s | saved to {args.out}")
 
 
+def load_tokenizer(name_or_dir: str):
+    """A tokenizer from a model or tokenizer folder, or OpenAI's GPT-2 BPE for "gpt2"."""
+    if name_or_dir == "gpt2":
+        from .tokenizer import load_gpt2_tokenizer
+
+        return load_gpt2_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(name_or_dir).is_dir():
+        raise UsageError(f"--model {name_or_dir}: no such folder (a model or tokenizer folder, or 'gpt2')")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(f"--model {name_or_dir}: no usable tokenizer in the folder ({error})") from error
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str | bytes]:
+    """The text each token stands for, or its bytes when it holds only part of a character ('é': b'\\xc3' b'\\xa9')."""
+    from .bpe import CHAR_TO_BYTE
+
+    pieces: list[str | bytes] = []
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        piece = tokenizer.decode([token_id])
+        if "\ufffd" in piece and all(c in CHAR_TO_BYTE for c in token):
+            pieces.append(bytes(CHAR_TO_BYTE[c] for c in token))
+        else:
+            pieces.append(piece)
+    return pieces
+
+
+COLOURS = [f"\033[48;5;{code}m\033[30m" for code in (153, 223, 194, 217, 189)]  # pale backgrounds, black text
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    """One row per token: position, id, the vocabulary entry (byte-level: Ġ is a space, Ċ a newline) and its text."""
+    tokenizer = load_tokenizer(args.model)
+    ids = tokenizer(args.text, add_special_tokens=False)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    pieces = token_pieces(tokenizer, ids)
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    if colour:  # the text itself, each token on its own background
+        text = [piece if isinstance(piece, str) else repr(piece) for piece in pieces]
+        print("".join(f"{COLOURS[i % len(COLOURS)]}{piece}\033[0m" for i, piece in enumerate(text)))
+    width = max([len(str(max(ids, default=0))), 2])
+    print(f"{'#':>4s}  {'id':>{width}s}  {'token':20s}  text")
+    for position, (token_id, token, piece) in enumerate(zip(ids, tokens, pieces)):
+        shown = repr(piece)
+        if colour:
+            shown = f"{COLOURS[position % len(COLOURS)]}{shown}\033[0m"
+        print(f"{position:4d}  {token_id:{width}d}  {token:20s}  {shown}")
+    print(f"{len(ids)} tokens for {len(args.text)} characters ({len(args.text.encode('utf-8'))} bytes)")
+
+
+def attention_maps(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
+    """Token labels and the attention weights of every layer and head, shape (layers, heads, queries, keys)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] == 0:
+        raise UsageError("--text is empty; give at least one token of text")
+    context = model.config.max_position_embeddings
+    if ids.shape[1] > context:
+        raise UsageError(f"--text is {ids.shape[1]} tokens long but the model's context is {context}; shorten it")
+    model.set_attn_implementation("eager")  # the fused kernel never forms the weights
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+    labels = [piece if isinstance(piece, str) else repr(piece) for piece in token_pieces(tokenizer, ids[0].tolist())]
+    return labels, torch.stack([layer[0] for layer in attentions])
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from .files import staged_file
+    from .hub import save_attention_heatmaps
+
+    model, tokenizer = load_for_generation(args.model)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    for flag, value, count in (("--layer", args.layer, n_layers), ("--head", args.head, n_heads)):
+        if value is not None and not 0 <= value < count:
+            raise UsageError(f"{flag} {value}: the model has {count} ({flag[2:]}s 0..{count - 1})")
+    out = Path(args.out)
+    if not out.suffix:
+        raise UsageError(f"--out {out}: give a file name with an image extension, e.g. attn.png")
+    labels, weights = attention_maps(model, tokenizer, args.text)
+    layers = range(n_layers) if args.layer is None else [args.layer]
+    heads = range(n_heads) if args.head is None else [args.head]
+    with staged_file(out) as staging:
+        save_attention_heatmaps(weights, labels, list(layers), list(heads), staging)
+    print(f"wrote {len(layers) * len(heads)} heatmap{'s' if len(layers) * len(heads) > 1 else ''} "
+          f"({len(labels)} tokens) to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2-scratch", description="GPT-2 from scratch, Hugging Face compatible.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (the default)")
     chat.add_argument("--seed", type=int, default=0)
     chat.set_defaults(run=cmd_chat)
+
+    tokenize = commands.add_parser("tokenize", help="show how a text splits into tokens, with their ids")
+    tokenize.add_argument("--model", required=True, metavar="DIR",
+                          help="a model or tokenizer folder, or 'gpt2' for OpenAI's GPT-2 BPE")
+    tokenize.add_argument("text")
+    tokenize.set_defaults(run=cmd_tokenize)
+
+    attention = commands.add_parser("attention", help="draw attention heatmaps of a text, with token labels")
+    attention.add_argument("--model", required=True, metavar="DIR", help="folder with config, weights and tokenizer")
+    attention.add_argument("--text", required=True)
+    attention.add_argument("--layer", type=int, help="only this layer (from 0); default: every layer")
+    attention.add_argument("--head", type=int, help="only this head (from 0); default: every head")
+    attention.add_argument("--out", required=True, metavar="FILE", help="image file: .png, .svg or .pdf")
+    attention.set_defaults(run=cmd_attention)
     return parser
 
 

@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.save_pretrained(RUN / "tokenizer")
 
     step(f"pretraining for at most {options.minutes:g} minutes (python training/pretrain.py ...)")
+    # Validation points on the loss curve during training, not only at the end: one pass per ~2 minutes of budget, at
+    # most 4 (each pass scores the whole validation split on the training clock; docs/pretraining.md has the cost).
+    evaluations = min(4, int(options.minutes // 2))
     arguments = ["--output_dir", str(RUN), "--prompt", "ROMEO:",
-                 *recipe_arguments(recipe, options.minutes, RUN / "tokenizer")]
+                 *recipe_arguments(recipe, options.minutes, RUN / "tokenizer", evaluations=evaluations)]
     print("training/pretrain.py " + " ".join(arguments))
     metrics = run(build_parser().parse_args(arguments))
     print(f"validation: {metrics['eval/bits_per_byte']:.4f} bits per byte, "

@@ -66,3 +66,18 @@ def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
             shutil.copy2(source / name, dest / name)
             copied.append(name)
     return copied
+
+
+@contextlib.contextmanager
+def staged_file(out: str | Path) -> Iterator[Path]:
+    """Yield a hidden path beside `out`, with its suffix (which names the format to writers like matplotlib); on
+    success it is renamed to `out`, on error deleted, so `out` is never half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(out)

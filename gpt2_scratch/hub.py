@@ -56,6 +56,7 @@ def render_model_card(
 
 
 def save_loss_curve(history: list[dict], path: Path) -> None:
+    """Training loss (as logged) and every validation pass, each validation point labelled with its value."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -67,10 +68,49 @@ def save_loss_curve(history: list[dict], path: Path) -> None:
     for points, label, style in ((train, "train", "-"), (evals, "validation", "o-")):
         if points:
             axes.plot(*zip(*points), style, label=label)
+    if len(evals) <= 12:  # a few points: their values are readable
+        for step, loss in evals:
+            axes.annotate(f"{loss:.3f}", (step, loss), textcoords="offset points", xytext=(0, 7), ha="center",
+                          fontsize=8, color=axes.lines[-1].get_color())
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (nats per token)")
     axes.legend()
     axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def save_attention_heatmaps(weights, labels: list[str], layers: list[int], heads: list[int], path: Path) -> None:
+    """One heatmap per (layer, head) of `weights` (layers, heads, queries, keys): row i is where token i looks. The
+    future, hidden by the causal mask, is left blank. Rows are layers and columns heads, both counted from 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(labels)
+    shown = [label.replace(" ", "·").replace("\n", "\\n") for label in labels]  # spaces made visible
+    future = np.triu(np.ones((n, n), dtype=bool), k=1)
+    single = len(layers) == len(heads) == 1
+    side = max(4.0, 0.3 * n + 1.5) if single else max(1.8, min(0.12 * n + 0.8, 4.0))
+    figure, grid = plt.subplots(len(layers), len(heads), figsize=(side * len(heads) + 1, side * len(layers) + 0.5),
+                                squeeze=False)
+    font = 9 if single else max(4, 8 - n // 10)
+    for row, layer in enumerate(layers):
+        for column, head in enumerate(heads):
+            axes = grid[row][column]
+            image = axes.imshow(np.ma.masked_array(weights[layer, head].float().numpy(), future), cmap="viridis",
+                                vmin=0.0)
+            axes.set_title(f"layer {layer}, head {head}", fontsize=font + 1)
+            show_x, show_y = row == len(layers) - 1 and n <= 48, column == 0 and n <= 48
+            axes.set_xticks(range(n) if show_x else [], shown if show_x else [], rotation=90, fontsize=font)
+            axes.set_yticks(range(n) if show_y else [], shown if show_y else [], fontsize=font)
+    if single:
+        grid[0][0].set_xlabel("key: the token looked at")
+        grid[0][0].set_ylabel("query: the token looking")
+        figure.colorbar(image, ax=grid[0][0], fraction=0.046, pad=0.04, label="attention weight")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -34,6 +34,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 
+logger = logging.get_logger(__name__)
 
 class GELU(nn.Module):
     """GPT-2's activation: GELU(x) = x·Φ(x), in the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
@@ -116,14 +117,15 @@ class MultiHeadAttention(nn.Module):
 
     def eager_attention(
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The textbook path: scores → mask → softmax → dropout → weighted sum of values."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The textbook path: scores → mask → softmax → dropout → weighted sum of values. Returns the context and the
+        attention weights (batch, heads, queries, keys): row i says how much query i takes from each key."""
         attn_scores = queries @ keys.transpose(2, 3)  # (batch, heads, queries, keys)
         attn_scores = attn_scores.masked_fill(self.blocked(queries.shape[2], keys.shape[2], padding_mask), -torch.inf)
         # Scaling by 1/√head_dim keeps the scores' variance near 1, so softmax does not saturate into one-hot weights.
         attn_weights = torch.softmax(attn_scores / math.sqrt(self.head_dim), dim=-1)
         attn_weights = self.dropout(attn_weights)
-        return attn_weights @ values
+        return attn_weights @ values, attn_weights
 
     def sdpa_attention(
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None
@@ -145,21 +147,27 @@ class MultiHeadAttention(nn.Module):
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attended output, and the attention weights when `output_attentions` (only the eager path has them)."""
         batch, num_tokens, _ = x.shape
         queries = self.split_heads(self.W_query(x))
         keys = self.split_heads(self.W_key(x))
         values = self.split_heads(self.W_value(x))
         if cache is not None:  # append this step's keys/values and attend over everything seen so far
             keys, values = cache.update(keys, values, self.layer_idx)
-        if self.config._attn_implementation == "eager":
-            context = self.eager_attention(queries, keys, values, padding_mask)
+        attn_weights = None
+        if self.config._attn_implementation == "eager" or output_attentions:  # the fused kernel never forms weights
+            context, attn_weights = self.eager_attention(queries, keys, values, padding_mask)
         else:
             context = self.sdpa_attention(queries, keys, values, padding_mask)
         # transpose() only changes strides; .contiguous() lays the heads side by side in memory so .view can merge them.
         context = context.transpose(1, 2).contiguous().view(batch, num_tokens, self.d_out)
-        return self.out_proj(context)
+        return self.out_proj(context), attn_weights if output_attentions else None
 
 
 class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds model.gradient_checkpointing_enable()
@@ -174,12 +182,17 @@ class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds 
         self.drop_shortcut = nn.Dropout(config.drop_rate)
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The residual path carries x through unchanged, so gradients reach early layers without vanishing.
-        x = x + self.drop_shortcut(self.att(self.norm1(x), padding_mask, cache))
+        attended, attn_weights = self.att(self.norm1(x), padding_mask, cache, output_attentions)
+        x = x + self.drop_shortcut(attended)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
-        return x
+        return x, attn_weights
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -293,6 +306,12 @@ class GPT2ScratchPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     _skip_keys_device_placement = "cache"
     _keys_to_ignore_on_load_unexpected = [r"\.mask$"]
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """`model.set_attn_implementation("eager")` works: MultiHeadAttention reads the choice at every call (the
+        default check looks for transformers' attention-function registry in this file's source)."""
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, and residual projections scaled by 1/√(2·n_layers)."""
@@ -443,14 +462,19 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions is not supported by gpt2_scratch; read the attention module instead")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"output_attentions=True: attn_implementation {self.config._attn_implementation!r} has no attention "
+                "weights, so this forward runs the eager path; load with attn_implementation='eager' to silence this"
+            )
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"attention_mask must be 2-D (batch, keys) of 0/1, got shape {tuple(attention_mask.shape)}"
@@ -478,10 +502,13 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.drop_emb(x + self.pos_emb(position_ids))
         all_hidden_states = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for block in self.trf_blocks:
             if all_hidden_states is not None:
                 all_hidden_states.append(x)
-            x = block(x, attention_mask, cache)
+            x, attn_weights = block(x, attention_mask, cache, output_attentions)
+            if all_attentions is not None:
+                all_attentions.append(attn_weights)
         x = self.final_norm(x)
         if all_hidden_states is not None:
             all_hidden_states.append(x)
@@ -490,6 +517,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             last_hidden_state=x,
             cache=cache,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            attentions=tuple(all_attentions) if all_attentions is not None else None,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -558,7 +586,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
@@ -628,7 +657,8 @@ class GPT2ScratchForSequenceClassification(GPT2ScratchPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(pooled_logits.float(), labels.float())
         return SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled_logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=pooled_logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 

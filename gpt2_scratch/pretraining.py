@@ -281,10 +281,12 @@ REVIEWS_BASE = Recipe(dict(emb_dim=192, n_heads=6, n_layers=6, context_length=12
 TASKS_BASE = Recipe(dict(emb_dim=128, n_heads=4, n_layers=4, context_length=128), 2048, 12, 3e-3, mixed_precision="no")
 
 
-def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, dataset: str = "shakespeare") -> list[str]:
+def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, dataset: str = "shakespeare",
+                     evaluations: int = 0) -> list[str]:
     """training/pretrain.py arguments for a recipe: `minutes` of training whose cosine decay follows the clock (a
     step count fitted beforehand missed by up to 28% on these shared machines: runs cut before the decay's end, or
-    ending early), warmup over the first ~5% of the steps timed here."""
+    ending early), warmup over the first ~5% of the steps timed here, and `evaluations` validation passes evenly
+    spaced over those steps besides the final one (each costs training time: the clock runs through them)."""
     args = ["--dataset", dataset, "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
             "--per_device_train_batch_size", str(recipe.batch_size), "--learning_rate", str(recipe.learning_rate),
             "--optimizer", recipe.optimizer, "--weight_decay", "0.1", "--drop_rate", "0.0",
@@ -303,8 +305,10 @@ def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, datase
     precision = min(timed, key=timed.get)
     print("timed steps: " + ", ".join(f"{p} {seconds * 1000:.0f} ms" for p, seconds in timed.items())
           + f"; training in {precision}", flush=True)
-    warmup = max(int(minutes * 60 / timed[precision]) // 20, 1)  # ~5% of the steps the budget holds
-    return [*args, "--mixed_precision", precision, "--schedule_on_clock", "--warmup_steps", str(warmup)]
+    steps = int(minutes * 60 / timed[precision])  # what the budget holds, as timed here
+    warmup = max(steps // 20, 1)  # ~5% of them
+    cadence = ["--eval_steps", str(max(steps // (evaluations + 1), 1))] if evaluations else []
+    return [*args, "--mixed_precision", precision, "--schedule_on_clock", "--warmup_steps", str(warmup), *cadence]
 
 
 def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -85,3 +86,65 @@ def test_generate_needs_a_model_folder_with_a_tokenizer(tmp_path, capsys):
     GPT2ScratchForCausalLM(tiny_config()).save_pretrained(tmp_path / "bare")
     assert cli(["generate", "--model", str(tmp_path / "bare"), "--prompt", "hi"]) == 2
     assert "no usable tokenizer" in capsys.readouterr().err
+
+
+def test_tokenize_shows_each_piece_with_its_id(model_dir, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    text = "To be, or not\nto be: héllo"
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli(["tokenize", "--model", str(model_dir), text]) == 0
+    out = capsys.readouterr().out
+    assert "\033[" not in out  # not a terminal: a plain table
+    rows = [line.split(None, 2) for line in out.splitlines()[1:-1]]
+    expected = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+    assert [int(row[1]) for row in rows] == expected and [int(row[0]) for row in rows] == list(range(len(expected)))
+    shown = [ast.literal_eval(line.rsplit("  ", 1)[1]) for line in out.splitlines()[1:-1]]  # Python literals
+    assert b"".join(p if isinstance(p, bytes) else p.encode() for p in shown).decode() == text
+    assert {b"\xc3", b"\xa9"} <= {p for p in shown if isinstance(p, bytes)}  # 'é' split into its two bytes
+    assert out.splitlines()[-1] == f"{len(expected)} tokens for {len(text)} characters ({len(text.encode())} bytes)"
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cli(["tokenize", "--model", str(model_dir), text]) == 0
+    assert "\033[48;5;" in capsys.readouterr().out  # a terminal: colours
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert cli(["tokenize", "--model", str(model_dir), text]) == 0
+    assert "\033[" not in capsys.readouterr().out
+
+
+def test_attention_draws_the_heatmaps_it_computes(model_dir, tmp_path, capsys):
+    import matplotlib.image
+    from transformers import AutoTokenizer
+
+    from gpt2_scratch.cli import attention_maps
+
+    text = "To be, or not to be"
+    model = GPT2ScratchForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    labels, weights = attention_maps(model, tokenizer, text)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        expected = model(**tokenizer(text, return_tensors="pt"), output_attentions=True).attentions
+    assert "".join(labels) == text and weights.shape == (2, 4, len(labels), len(labels))
+    torch.testing.assert_close(weights, torch.stack([layer[0] for layer in expected]))
+
+    one, grid = tmp_path / "one.png", tmp_path / "out" / "grid.svg"
+    assert cli(["attention", "--model", str(model_dir), "--text", text, "--layer", "1", "--head", "2",
+                "--out", str(one)]) == 0
+    assert cli(["attention", "--model", str(model_dir), "--text", text, "--out", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote 1 heatmap ({len(labels)} tokens) to {one}" in out and "wrote 8 heatmaps" in out
+    assert matplotlib.image.imread(one).ndim == 3 and grid.read_text().count("layer 1, head 3") == 1
+    assert not list(tmp_path.rglob(".*partial*"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--text", "To be", "--layer", "2"], "--layer 2: the model has 2 (layers 0..1)"),
+    (["--text", "To be", "--head", "-1"], "--head -1: the model has 4 (heads 0..3)"),
+    (["--text", "To be " * 40], "tokens long but the model's context is 64"),
+    (["--text", ""], "--text is empty"),
+])
+def test_attention_bad_arguments(model_dir, tmp_path, capsys, extra, message):
+    assert cli(["attention", "--model", str(model_dir), *extra, "--out", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "a.png").exists()
