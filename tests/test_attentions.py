@@ -74,9 +74,12 @@ def test_sdpa_model_falls_back_to_eager_once_with_a_warning():
     assert "attn_implementation='eager'" in captured.out
     assert fused.attentions is None
     torch.testing.assert_close(out.logits, fused.logits, atol=1e-5, rtol=0)
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
+    model.set_attn_implementation("eager")  # transformers' switch works: attention reads the choice at every call
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad(), CaptureLogger(modeling.logger) as quiet:
+        modeling.logger.warning_once.cache_clear()
         eager = model(ids, output_attentions=True).attentions
+    assert quiet.out == ""
     for a, b in zip(eager, out.attentions):
         torch.testing.assert_close(b, a)
 

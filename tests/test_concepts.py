@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import re
 
@@ -26,12 +27,17 @@ def defined_names(tree: ast.AST) -> dict[str, ast.AST]:
     return names
 
 
+@functools.cache
+def parsed(path: str) -> ast.Module | None:
+    file = ROOT / path
+    return ast.parse(file.read_text(encoding="utf-8")) if file.is_file() else None
+
+
 def resolve(path: str, symbol: str) -> str | None:
     """None when `symbol` (dotted through classes) is defined in `path`, else what is missing."""
-    file = ROOT / path
-    if not file.is_file():
+    node: ast.AST | None = parsed(path)
+    if node is None:
         return f"{path}: no such file"
-    node: ast.AST = ast.parse(file.read_text(encoding="utf-8"))
     for part in symbol.split("."):
         names = defined_names(node) if isinstance(node, (ast.Module, ast.ClassDef)) else {}
         if part not in names:

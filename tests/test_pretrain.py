@@ -136,6 +136,7 @@ def test_recipe_arguments_fit_the_budget_in_a_precision(tokenizer, tmp_path):
         args = build_parser().parse_args(["--output_dir", "unused", *recipe_arguments(recipe, 0.05, tmp_path)])
         assert args.mixed_precision in allowed and args.optimizer == "muon" and args.max_train_minutes == 0.05
         assert args.schedule_on_clock and args.max_steps == -1 and args.warmup_steps > 1  # tiny steps are fast
+        assert args.eval_steps == 0  # evaluated at the end only, unless `evaluations` asks for more
 
 
 def test_partial_checkpoints_are_never_resumed(tmp_path):
@@ -327,3 +328,24 @@ def test_tokenizer_larger_than_the_model_is_refused(corpus, tmp_path):
     result = pretrain(["--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", *TINY,
                        "--tokenizer", "gpt2", "--vocab_size", "300"])
     assert_clear_failure(result, "the tokenizer has 50257 tokens but the model's vocab_size is 300", tmp_path / "out")
+
+
+def test_recipe_arguments_space_the_evaluations_over_the_budget(tokenizer, tmp_path):
+    """`make demo` evaluates during training: `evaluations` passes evenly spaced over the steps the budget holds as
+    timed (warmup is 1/20 of them, so 4 passes fall every ~4 warmups); none by default."""
+    tokenizer.save_pretrained(tmp_path)
+    recipe = Recipe(dict(emb_dim=32, n_heads=2, n_layers=2, context_length=16), 320, 4, 3e-3, mixed_precision="no")
+    # An hour's budget is only timed here, not trained: enough steps for the spacing to show on any machine.
+    args = build_parser().parse_args(["--output_dir", "unused", *recipe_arguments(recipe, 60, tmp_path,
+                                                                                   evaluations=4)])
+    assert args.warmup_steps > 5 and abs(args.eval_steps - 4 * args.warmup_steps) <= 4
+
+
+def test_loss_curve_labels_each_validation_point(tmp_path):
+    from gpt2_scratch.hub import save_loss_curve
+
+    history = [{"step": s, "train/loss": 6.0 - s / 10} for s in range(5, 41, 5)]
+    history += [{"step": s, "eval/loss": loss} for s, loss in ((10, 5.25), (20, 4.5), (30, 4.125), (40, 3.875))]
+    save_loss_curve(history, tmp_path / "curve.svg")
+    drawing = (tmp_path / "curve.svg").read_text()
+    assert all(value in drawing for value in ("5.250", "4.500", "4.125", "3.875")) and "validation" in drawing
