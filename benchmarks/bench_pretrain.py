@@ -98,8 +98,8 @@ def evaluation_cost(minutes: int, out: Path, repeats: int = 3) -> None:
     step, one = statistics.median(steps), statistics.median(passes)
     print(f"one validation pass ({len(validation):,} tokens, {args.mixed_precision}): {one:.1f} s = "
           f"{statistics.median(ratios):.0f} training steps of {step * 1000:.0f} ms (per repeat: "
-          f"{', '.join(f'{r:.0f}' for r in ratios)}); 4 passes in {minutes} minutes: "
-          f"{100 * 4 * one / (minutes * 60):.1f}% of the budget")
+          f"{', '.join(f'{r:.0f}' for r in ratios)}); at this speed a {minutes}-minute budget holds "
+          f"{minutes * 60 / step:.0f} steps, and 4 passes take {100 * 4 * one / (minutes * 60):.1f}% of it")
 
 
 def main() -> None:
