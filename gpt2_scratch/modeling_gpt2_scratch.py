@@ -77,9 +77,19 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
-def future_mask(context_length: int) -> torch.Tensor:
-    """True above the diagonal: position i must not see positions j > i (the future it is trained to predict)."""
-    return torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+def causal_mask(query_positions: torch.Tensor, num_keys: int, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch or 1, 1, queries, keys) booleans, True where a query may look: at keys up to its own position, never at
+    the future it is trained to predict, nor at padding (`padding_mask`: (batch, keys seen so far) of 0/1)."""
+    allowed = torch.arange(num_keys, device=query_positions.device) <= query_positions[:, None]
+    allowed = allowed[None, None]
+    if padding_mask is not None:
+        padding_mask = padding_mask.to(torch.bool)
+        if padding_mask.shape[-1] < num_keys:  # a static cache's unwritten slots: the future, blocked anyway
+            padding_mask = torch.cat([padding_mask, padding_mask.new_zeros(
+                padding_mask.shape[0], num_keys - padding_mask.shape[-1])], dim=-1)
+        allowed = allowed & padding_mask[:, None, None, :num_keys]
+    # A left-padding query sees nothing; letting it see everything keeps softmax finite (its output is unused).
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
 class MultiHeadAttention(nn.Module):
@@ -98,63 +108,60 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(config.emb_dim, config.emb_dim)  # mixes the heads' outputs back together
         self.out_proj.writes_to_residual = True  # initialised smaller, see _init_weights
         self.dropout = nn.Dropout(config.drop_rate)
-        # A buffer, not a parameter: it moves with .to(device) but is never trained, and (non-persistent) never saved.
-        self.register_buffer("mask", future_mask(config.context_length), persistent=False)
+        # The seed kept its causal mask here, as self.register_buffer("mask", torch.triu(torch.ones(context_length,
+        # context_length), diagonal=1)): a buffer, not a parameter, so it moves with .to(device) but is never
+        # trained (and, with persistent=False, never saved). One such mask per block costs n_layers·context_length²
+        # bytes (12 × 10 GB at context 100,000), so the model now builds the (queries × keys) mask a call needs, once
+        # per call for all blocks (see `causal_mask`), and none at all where the fused kernel masks by itself.
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, emb_dim) → (batch, heads, tokens, head_dim): each head attends independently."""
         batch, num_tokens, _ = x.shape
         return x.view(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def blocked(self, num_queries: int, num_keys: int, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """Boolean mask, True where a query may not look: the future, and padding keys."""
-        past = num_keys - num_queries  # queries are the last `num_queries` positions of the keys
-        blocked = self.mask[past:num_keys, :num_keys]
-        if padding_mask is None:
-            return blocked
-        blocked = blocked | ~padding_mask[:, None, None, :num_keys].bool()
-        # A left-padding query sees nothing; letting it see everything keeps softmax finite (its output is unused).
-        return blocked & ~blocked.all(dim=-1, keepdim=True)
-
     def eager_attention(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The textbook path: scores → mask → softmax → dropout → weighted sum of values. Returns the context and the
         attention weights (batch, heads, queries, keys): row i says how much query i takes from each key."""
         attn_scores = queries @ keys.transpose(2, 3)  # (batch, heads, queries, keys)
-        attn_scores = attn_scores.masked_fill(self.blocked(queries.shape[2], keys.shape[2], padding_mask), -torch.inf)
+        attn_scores = attn_scores.masked_fill(~allowed, -torch.inf)
         # Scaling by 1/√head_dim keeps the scores' variance near 1, so softmax does not saturate into one-hot weights.
         attn_weights = torch.softmax(attn_scores / math.sqrt(self.head_dim), dim=-1)
         attn_weights = self.dropout(attn_weights)
         return attn_weights @ values, attn_weights
 
     def sdpa_attention(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None
     ) -> torch.Tensor:
-        """The same computation in PyTorch's fused kernel, which never materialises the full score matrix."""
+        """The same computation in PyTorch's fused kernel, which never materialises the full score matrix.
+
+        `allowed=None` means the plain causal pattern: the queries are all the keys, or the one newest key.
+        """
         if queries.device.type == "cpu" and queries.dtype == torch.bfloat16:
             # The fused CPU kernel's backward runs ~4x slower in bfloat16 than in float32 (PyTorch 2.13), so under
             # bf16 autocast attention runs in float32 (autocast off, or it would cast straight back) and returns bf16.
             with torch.autocast("cpu", enabled=False):
-                context = self.sdpa_attention(queries.float(), keys.float(), values.float(), padding_mask)
+                context = self.sdpa_attention(queries.float(), keys.float(), values.float(), allowed)
             return context.to(queries.dtype)
-        num_queries, num_keys = queries.shape[2], keys.shape[2]
         dropout_p = self.dropout.p if self.training else 0.0
-        if padding_mask is None and num_queries == num_keys:  # plain causal: the kernel builds the mask itself
-            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
-        if padding_mask is None and num_queries == 1:  # one new token may see every cached one
-            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
-        allowed = ~self.blocked(num_queries, num_keys, padding_mask)
-        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
+        # Without a mask the kernel builds the causal one itself; one new token may see every cached one.
+        is_causal = allowed is None and queries.shape[2] > 1
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal
+        )
 
     def forward(
         self,
         x: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attended output, and the attention weights when `output_attentions` (only the eager path has them)."""
+        """The attended output, and the attention weights when `output_attentions` (only the eager path has them).
+
+        `allowed`: the call's `causal_mask` (True where a query may look), or None for the plain causal pattern.
+        """
         batch, num_tokens, _ = x.shape
         queries = self.split_heads(self.W_query(x))
         keys = self.split_heads(self.W_key(x))
@@ -163,12 +170,18 @@ class MultiHeadAttention(nn.Module):
             keys, values = cache.update(keys, values, self.layer_idx)
         attn_weights = None
         if self.config._attn_implementation == "eager" or output_attentions:  # the fused kernel never forms weights
-            context, attn_weights = self.eager_attention(queries, keys, values, padding_mask)
+            context, attn_weights = self.eager_attention(queries, keys, values, allowed)
         else:
-            context = self.sdpa_attention(queries, keys, values, padding_mask)
+            context = self.sdpa_attention(queries, keys, values, allowed)
         # transpose() only changes strides; .contiguous() lays the heads side by side in memory so .view can merge them.
         context = context.transpose(1, 2).contiguous().view(batch, num_tokens, self.d_out)
         return self.out_proj(context), attn_weights if output_attentions else None
+
+
+def new_token_slots(cache: Cache | None, num_new: int, device: torch.device) -> torch.Tensor:
+    """Where this call's tokens go in the cache: after the ones already there (a tensor count for a static cache)."""
+    num_past = cache.get_seq_length() if cache is not None else 0
+    return torch.arange(num_new, device=device) + num_past
 
 
 class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds model.gradient_checkpointing_enable()
@@ -185,12 +198,12 @@ class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds 
     def forward(
         self,
         x: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The residual path carries x through unchanged, so gradients reach early layers without vanishing.
-        attended, attn_weights = self.att(self.norm1(x), padding_mask, cache, output_attentions)
+        attended, attn_weights = self.att(self.norm1(x), allowed, cache, output_attentions)
         x = x + self.drop_shortcut(attended)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x, attn_weights
@@ -304,9 +317,9 @@ class GPT2ScratchPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TransformerBlock"]
     _supports_sdpa = True
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # tests compile a static-cache decode step with fullgraph=True
     _skip_keys_device_placement = "cache"
-    _keys_to_ignore_on_load_unexpected = [r"\.mask$"]
+    _keys_to_ignore_on_load_unexpected = [r"\.mask$"]  # the seed's state dicts still carry its per-block masks
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -330,8 +343,6 @@ class GPT2ScratchPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LayerNorm):
             init.ones_(module.scale)
             init.zeros_(module.shift)
-        elif isinstance(module, MultiHeadAttention):
-            init.copy_(module.mask, future_mask(self.config.context_length))  # loading leaves buffers empty
 
     # The stock transformers GPT-2 class whose checkpoints this class converts on load, and the tensors a checkpoint
     # may lack because this class adds them (a new head); set by each model class.
@@ -455,6 +466,20 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
                     f"ids 0..{self.config.vocab_size - 1}); was the input encoded with a different tokenizer?"
                 )
 
+    def mask_for(
+        self, padding_mask: torch.Tensor | None, cache: Cache | None, cache_positions: torch.Tensor, eager: bool = False
+    ) -> torch.Tensor | None:
+        """The `causal_mask` every block uses this call, or None where the fused kernel's own causal mask is exact
+        (never for the eager path, which `eager=True` asks for whatever the configured implementation)."""
+        num_new = cache_positions.shape[0]
+        num_keys = cache.get_mask_sizes(num_new, 0)[0] if cache is not None else num_new
+        # A static cache's keys include slots not written yet, which only a mask hides.
+        keys_are_tokens_seen = cache is None or not cache.is_compileable
+        plain_causal = keys_are_tokens_seen and (num_new == num_keys or num_new == 1)
+        if padding_mask is None and plain_causal and not eager and self.config._attn_implementation != "eager":
+            return None
+        return causal_mask(cache_positions, num_keys, padding_mask)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -476,9 +501,14 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
                 f"output_attentions=True: attn_implementation {self.config._attn_implementation!r} has no attention "
                 "weights, so this forward runs the eager path; load with attn_implementation='eager' to silence this"
             )
-        if attention_mask is not None and attention_mask.dim() != 2:
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
             raise ValueError(
-                f"attention_mask must be 2-D (batch, keys) of 0/1, got shape {tuple(attention_mask.shape)}"
+                "attention_mask must be 2-D (batch, keys) of 0/1, or 4-D (batch, 1, queries, keys) of booleans, got "
+                f"shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype != torch.bool:
+            raise ValueError(
+                f"a 4-D attention_mask must be boolean (True where a query may look), got {attention_mask.dtype}"
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -489,16 +519,21 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             cache = None
 
         num_new = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
-        num_past = cache.get_seq_length() if cache is not None else 0
+        device = self.pos_emb.weight.device
+        cache_positions = new_token_slots(cache, num_new, device)
         if not torch.compiler.is_compiling():
-            self.check_inputs(input_ids, num_new, num_past)
-        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
-            attention_mask = None  # nothing is padded: take the plain causal fast path
+            self.check_inputs(input_ids, num_new, int(cache.get_seq_length()) if cache is not None else 0)
+        padded = attention_mask is not None and attention_mask.dim() == 2
+        if padded and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            attention_mask, padded = None, False  # nothing is padded: take the plain causal fast path
         if position_ids is None:
-            if attention_mask is not None:  # left padding: count positions from each row's first real token
+            if padded:  # left padding: count positions from each row's first real token
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -num_new:]
             else:
-                position_ids = torch.arange(num_past, num_past + num_new, device=self.pos_emb.weight.device)[None]
+                position_ids = cache_positions[None]
+        allowed = attention_mask if attention_mask is not None and not padded else self.mask_for(
+            attention_mask, cache, cache_positions, eager=output_attentions
+        )
 
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.drop_emb(x + self.pos_emb(position_ids))
@@ -507,7 +542,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         for block in self.trf_blocks:
             if all_hidden_states is not None:
                 all_hidden_states.append(x)
-            x, attn_weights = block(x, attention_mask, cache, output_attentions)
+            x, attn_weights = block(x, allowed, cache, output_attentions)
             if all_attentions is not None:
                 all_attentions.append(attn_weights)
         x = self.final_norm(x)
@@ -538,6 +573,14 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.out_head
+
+    def create_masks_for_generate(
+        self, config: GPT2ScratchConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+        cache: Cache | None, **kwargs,
+    ) -> torch.Tensor | None:
+        """generate() asks for the mask ahead of each step with a static cache, so a compiled step sees fixed shapes."""
+        positions = new_token_slots(cache, inputs_embeds.shape[1], inputs_embeds.device)
+        return self.transformer.mask_for(attention_mask, cache, positions)
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.out_head = new_embeddings

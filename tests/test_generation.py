@@ -1,0 +1,125 @@
+"""Generation paths: static cache vs dynamic cache, the compiled decode step, the masks a call builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import CompileConfig, StaticCache
+
+from gpt2_scratch import GPT2ScratchForCausalLM
+from gpt2_scratch.modeling_gpt2_scratch import causal_mask
+
+
+def tiny_model(impl: str = "sdpa", **overrides) -> GPT2ScratchForCausalLM:
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(tiny_config(**overrides)).eval()
+    model.config._attn_implementation = impl
+    return model
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(1, 320, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+SEARCHES = {
+    "greedy": dict(do_sample=False),
+    "sampled": dict(do_sample=True, top_k=0, temperature=1.5),
+    "beam": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("search", SEARCHES)
+def test_static_cache_generates_the_dynamic_cache_tokens(impl, search):
+    model = tiny_model(impl)
+    ids, mask = left_padded_batch()
+    outputs = []
+    for cache_implementation in (None, "static"):
+        torch.manual_seed(2)  # the same seed: sampling draws the same tokens when the logits agree
+        outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0,
+                                      cache_implementation=cache_implementation, **SEARCHES[search]))
+    assert outputs[0].shape == (3 * SEARCHES[search].get("num_return_sequences", 1), 7 + 12)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_passed_static_cache_generates_the_dynamic_cache_tokens_and_is_filled():
+    model = tiny_model()
+    ids, mask = left_padded_batch()
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, cache=cache)
+    assert torch.equal(dynamic, static)
+    assert int(cache.get_seq_length()) == 7 + 10 - 1  # the last token is generated, not yet fed back
+
+
+def test_static_cache_forward_matches_the_full_forward_step_by_step():
+    """Direct use without generate(): the 2-D mask and the static cache's unwritten slots are handled in forward."""
+    model = tiny_model()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        pieces = [model(ids[:, :4], attention_mask=mask[:, :4], position_ids=positions[:, :4], cache=cache).logits]
+        for t in range(4, 7):
+            pieces.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
+                                cache=cache).logits)
+    keep = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[keep], full[keep], atol=1e-5, rtol=0)
+
+
+def test_a_boolean_4d_mask_is_used_as_given_and_other_masks_are_refused():
+    model = tiny_model()
+    ids, mask = left_padded_batch()
+    allowed = causal_mask(torch.arange(7), 7, mask)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # a 4-D mask does not say where the padding is: pass positions
+    with torch.no_grad():
+        given = model(ids, attention_mask=allowed, position_ids=positions).logits
+        torch.testing.assert_close(given, model(ids, attention_mask=mask).logits)
+        with pytest.raises(ValueError, match="4-D attention_mask must be boolean"):
+            model(ids, attention_mask=allowed.float())
+        with pytest.raises(ValueError, match="must be 2-D .* or 4-D"):
+            model(ids, attention_mask=mask[None])
+
+
+def test_static_cache_decode_step_compiles_with_fullgraph_and_keeps_the_tokens():
+    """transformers' compiled generation: static cache, the decode step under torch.compile(fullgraph=True).
+
+    The backend records each captured graph and runs it as captured: fullgraph=True raises on any graph break, so
+    this proves the whole step is one graph (inductor's code generation is PyTorch's, and slow on 2 cores)."""
+    model = tiny_model(n_layers=1)
+    ids, mask = left_padded_batch()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_config = CompileConfig(fullgraph=True, backend=recording_backend, mode=None)
+    compile_config._compile_all_devices = True  # generate() compiles only on GPUs unless told
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    compiled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                              cache_implementation="static", compile_config=compile_config)
+    assert graphs, "the decode step was not compiled"
+    assert torch.equal(reference, compiled)
+    assert type(model)._can_compile_fullgraph and type(model)._supports_sdpa
+
+
+def test_masks_are_built_per_call_not_stored_per_block():
+    """The seed's per-block (context × context) buffers are gone: a huge context_length allocates no mask."""
+    model = GPT2ScratchForCausalLM(tiny_config(context_length=100_000, n_layers=1)).eval()
+    assert not any("mask" in name for name, _ in model.named_buffers())
+    assert not any(name.endswith(".mask") for name in model.state_dict())
+    ids = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        cache = model(ids[:, :5], use_cache=True).cache
+        step = model.transformer.mask_for(None, cache, torch.tensor([5]))
+    assert step is None  # sdpa, no padding, one new token: no mask at all
+    model.config._attn_implementation = "eager"
+    assert model.transformer.mask_for(None, None, torch.arange(9)).shape == (1, 1, 9, 9)  # queries × keys, once
