@@ -72,8 +72,11 @@ class FeedForward(nn.Module):
             nn.Linear(4 * config.emb_dim, config.emb_dim),
         )
         self.layers[2].writes_to_residual = True  # initialised smaller, see _init_weights
+        self.decode_weights: DecodeWeights | None = None  # set by DecodeLayout, only while generate() runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_weights is not None and not torch.is_grad_enabled():
+            return self.decode_weights.project(F.gelu(self.decode_weights.project(x, 0), approximate="tanh"), 1)
         return self.layers(x)
 
 
@@ -113,6 +116,7 @@ class MultiHeadAttention(nn.Module):
         # trained (and, with persistent=False, never saved). One such mask per block costs n_layers·context_length²
         # bytes (12 × 10 GB at context 100,000), so the model now builds the (queries × keys) mask a call needs, once
         # per call for all blocks (see `causal_mask`), and none at all where the fused kernel masks by itself.
+        self.decode_weights: DecodeWeights | None = None  # set by DecodeLayout, only while generate() runs
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, emb_dim) → (batch, heads, tokens, head_dim): each head attends independently."""
@@ -163,9 +167,12 @@ class MultiHeadAttention(nn.Module):
         `allowed`: the call's `causal_mask` (True where a query may look), or None for the plain causal pattern.
         """
         batch, num_tokens, _ = x.shape
-        queries = self.split_heads(self.W_query(x))
-        keys = self.split_heads(self.W_key(x))
-        values = self.split_heads(self.W_value(x))
+        if self.decode_weights is not None and not torch.is_grad_enabled():  # one fused matmul, see DecodeLayout
+            queries, keys, values = map(self.split_heads, self.decode_weights.project(x, 0).chunk(3, dim=-1))
+        else:
+            queries = self.split_heads(self.W_query(x))
+            keys = self.split_heads(self.W_key(x))
+            values = self.split_heads(self.W_value(x))
         if cache is not None:  # append this step's keys/values and attend over everything seen so far
             keys, values = cache.update(keys, values, self.layer_idx)
         attn_weights = None
@@ -175,7 +182,10 @@ class MultiHeadAttention(nn.Module):
             context = self.sdpa_attention(queries, keys, values, allowed)
         # transpose() only changes strides; .contiguous() lays the heads side by side in memory so .view can merge them.
         context = context.transpose(1, 2).contiguous().view(batch, num_tokens, self.d_out)
-        return self.out_proj(context), attn_weights if output_attentions else None
+        attn_weights = attn_weights if output_attentions else None
+        if self.decode_weights is not None and not torch.is_grad_enabled():
+            return self.decode_weights.project(context, 1), attn_weights
+        return self.out_proj(context), attn_weights
 
 
 def new_token_slots(cache: Cache | None, num_new: int, device: torch.device) -> torch.Tensor:
@@ -207,6 +217,78 @@ class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds 
         x = x + self.drop_shortcut(attended)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x, attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode fast path: the same matmuls with weights laid out for one-token steps. Derived from the nn.Linear modules
+# above (which stay the source of truth for training, PEFT and saving), never saved, rebuilt whenever they change.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DecodeWeights:
+    """Weights of a few nn.Linear layers as `generate()` multiplies them: fused side by side, and for float32 laid out
+    (in × out), the layout transformers' Conv1D keeps, which MKL streams faster for a handful of rows than nn.Linear's
+    (out × in) (measured in docs/speed.md). bfloat16 keeps (out × in): there oneDNN's F.linear is the fast kernel."""
+
+    def __init__(self, *groups: list[nn.Linear]) -> None:
+        self.weights, self.biases = [], []
+        for group in groups:  # layers in one group read the same input: one wider matmul instead of several
+            weight = torch.cat([layer.weight.detach() for layer in group])
+            self.transposed = weight.dtype == torch.float32
+            self.weights.append(weight.t().contiguous() if self.transposed else weight)
+            biases = [layer.bias for layer in group]
+            self.biases.append(None if biases[0] is None else torch.cat([b.detach() for b in biases]))
+
+    def project(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        weight, bias = self.weights[group], self.biases[group]
+        if not self.transposed:
+            return F.linear(x, weight, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
+        return out.view(*x.shape[:-1], weight.shape[1])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights + self.biases if t is not None)
+
+
+class DecodeLayout:
+    """DecodeWeights for every block and the head of a causal LM, with the version of every parameter they copy.
+
+    `current()` compares each parameter's identity, storage and in-place version counter (which optimizer steps,
+    `load_state_dict` and `.to()` all change) with those it was built from; a stale layout is rebuilt, never used.
+    """
+
+    def __init__(self, model: GPT2ScratchForCausalLM) -> None:
+        self.sources = self.fingerprint(model)
+        self.parts: dict[nn.Module, DecodeWeights] = {}
+        for block in model.transformer.trf_blocks:
+            att, ff = block.att, block.ff
+            self.parts[att] = DecodeWeights([att.W_query, att.W_key, att.W_value], [att.out_proj])
+            self.parts[ff] = DecodeWeights([ff.layers[0]], [ff.layers[2]])
+        self.parts[model] = DecodeWeights([model.out_head])
+
+    @staticmethod
+    def fingerprint(model: GPT2ScratchForCausalLM) -> list[tuple]:
+        return [(id(p), p.data_ptr(), p.dtype, p.device, p._version) for p in model.parameters()]
+
+    @staticmethod
+    def applies_to(model: GPT2ScratchForCausalLM) -> bool:
+        """Only plain nn.Linear layers (not PEFT-wrapped ones) on the CPU; elsewhere the modules run unchanged."""
+        layers = [model.out_head]
+        for block in model.transformer.trf_blocks:
+            att = block.att
+            layers += [att.W_query, att.W_key, att.W_value, att.out_proj, block.ff.layers[0], block.ff.layers[2]]
+        return model.device.type == "cpu" and all(type(layer) is nn.Linear for layer in layers)
+
+    def current(self, model: GPT2ScratchForCausalLM) -> bool:
+        return self.fingerprint(model) == self.sources
+
+    def nbytes(self) -> int:
+        return sum(part.nbytes() for part in self.parts.values())
+
+    def install(self, enabled: bool) -> None:
+        for module, part in self.parts.items():
+            module.decode_weights = part if enabled else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -569,10 +651,36 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         self.transformer = GPT2ScratchModel(config)
         # Tied to tok_emb (see _tied_weights_keys): reading and writing a token share one vector (vocab·emb_dim fewer).
         self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.decode_weights: DecodeWeights | None = None  # set by DecodeLayout, only while generate() runs
+        self._decode_layout: DecodeLayout | None = None
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.out_head
+
+    # generate() multiplies by a DecodeLayout (a copy of every matmul weight); False saves that memory.
+    fast_decoding = True
+
+    def decode_layout(self) -> DecodeLayout | None:
+        """The decode copies of the weights, built (or rebuilt, when stale) now; None where they do not apply."""
+        if not (self.fast_decoding and DecodeLayout.applies_to(self)):
+            self._decode_layout = None
+            return None
+        if self._decode_layout is None or not self._decode_layout.current(self):
+            self._decode_layout = None  # free the stale copy before building the new one
+            self._decode_layout = DecodeLayout(self)
+        return self._decode_layout
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, with the matmuls of every step going through `decode_layout()`."""
+        layout = self.decode_layout()
+        if layout is None:
+            return super().generate(*args, **kwargs)
+        layout.install(True)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            layout.install(False)
 
     def create_masks_for_generate(
         self, config: GPT2ScratchConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -616,7 +724,10 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.out_head(hidden_states)
+        if self.decode_weights is not None and not torch.is_grad_enabled():
+            logits = self.decode_weights.project(hidden_states, 0)
+        else:
+            logits = self.out_head(hidden_states)
 
         loss = None
         if labels is not None:

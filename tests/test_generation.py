@@ -123,3 +123,62 @@ def test_masks_are_built_per_call_not_stored_per_block():
     assert step is None  # sdpa, no padding, one new token: no mask at all
     model.config._attn_implementation = "eager"
     assert model.transformer.mask_for(None, None, torch.arange(9)).shape == (1, 1, 9, 9)  # queries × keys, once
+
+
+def generate_both_ways(model: GPT2ScratchForCausalLM, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same generate() call through the decode layout and through the readable modules alone."""
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, **kwargs)
+    model.fast_decoding = False  # also drops a layout built before
+    plain = model.generate(ids, **kwargs)
+    model.fast_decoding = True
+    fast = model.generate(ids, **kwargs)
+    return fast, plain
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_decode_layout_generates_the_plain_tokens(qkv_bias):
+    model = tiny_model(qkv_bias=qkv_bias)
+    fast, plain = generate_both_ways(model)
+    assert torch.equal(fast, plain)
+    assert model.decode_layout() is model._decode_layout  # built by generate, reused while current
+    assert all(module.decode_weights is None for module in model.modules() if hasattr(module, "decode_weights"))
+
+
+def test_decode_layout_is_never_saved_and_follows_every_weight_change(tmp_path):
+    model = tiny_model()
+    keys = set(model.state_dict())
+    before, _ = generate_both_ways(model)
+    built = model._decode_layout
+    assert set(model.state_dict()) == keys  # nothing derived joins the weights
+    model.save_pretrained(tmp_path)
+    assert set(GPT2ScratchForCausalLM.from_pretrained(tmp_path).state_dict()) == keys
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    ids, _ = left_padded_batch()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()  # in place: every parameter's version counter moves
+    model.eval()
+    assert not built.current(model)
+    rebuilt = model.decode_layout()
+    assert rebuilt is not built and rebuilt.current(model)
+    after, plain = generate_both_ways(model)
+    assert torch.equal(after, plain) and not torch.equal(after, before)
+
+    with torch.no_grad():
+        model.transformer.trf_blocks[1].ff.layers[2].bias.add_(5.0)  # one tensor, edited by hand
+    assert not model._decode_layout.current(model)
+    edited, plain = generate_both_ways(model)
+    assert torch.equal(edited, plain)
+
+
+def test_decode_layout_steps_aside_for_peft_and_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["W_query", "W_value"], lora_dropout=0.0))
+    assert model.decode_layout() is None  # a LoRA-wrapped layer is not a plain nn.Linear: no copies to go stale
+    ids, mask = left_padded_batch()
+    out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 11)
