@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from transformers import CompileConfig, StaticCache
 
 from gpt2_scratch import GPT2ScratchForCausalLM
@@ -182,3 +185,11 @@ def test_decode_layout_steps_aside_for_peft_and_gradients():
     ids, mask = left_padded_batch()
     out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (3, 11)
+
+
+def test_gpu_check_refuses_in_one_line_without_cuda():
+    assert not torch.cuda.is_available()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "needs a CUDA GPU" in result.stderr and len(result.stderr.strip().splitlines()) == 1
