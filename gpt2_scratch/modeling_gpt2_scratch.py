@@ -76,7 +76,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode_weights is not None and not torch.is_grad_enabled():
-            return self.decode_weights.project(F.gelu(self.decode_weights.project(x, 0), approximate="tanh"), 1)
+            return self.decode_weights.project(self.layers[1](self.decode_weights.project(x, 0)), 1)
         return self.layers(x)
 
 
@@ -233,11 +233,18 @@ class DecodeWeights:
     def __init__(self, *groups: list[nn.Linear]) -> None:
         self.weights, self.biases = [], []
         for group in groups:  # layers in one group read the same input: one wider matmul instead of several
-            weight = torch.cat([layer.weight.detach() for layer in group])
-            self.transposed = weight.dtype == torch.float32
+            self.transposed = group[0].weight.dtype == torch.float32
+            weight = self.join([layer.weight for layer in group])
             self.weights.append(weight.t().contiguous() if self.transposed else weight)
-            biases = [layer.bias for layer in group]
-            self.biases.append(None if biases[0] is None else torch.cat([b.detach() for b in biases]))
+            self.biases.append(None if group[0].bias is None else self.join([layer.bias for layer in group]))
+        sources = {p.data_ptr() for group in groups for layer in group for p in layer.parameters()}
+        held = [t for t in self.weights + self.biases if t is not None and t.data_ptr() not in sources]
+        self.copied_bytes = sum(t.numel() * t.element_size() for t in held)
+
+    @staticmethod
+    def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor: the parameter itself where there is only one (no copy), else them stacked along dim 0."""
+        return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
 
     def project(self, x: torch.Tensor, group: int) -> torch.Tensor:
         weight, bias = self.weights[group], self.biases[group]
@@ -248,7 +255,8 @@ class DecodeWeights:
         return out.view(*x.shape[:-1], weight.shape[1])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights + self.biases if t is not None)
+        """Memory held beyond the parameters themselves."""
+        return self.copied_bytes
 
 
 class DecodeLayout:
