@@ -666,6 +666,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.out_head
 
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.out_head = new_embeddings
+
     # generate() multiplies by a DecodeLayout (a copy of every matmul weight); False saves that memory.
     fast_decoding = True
 
@@ -697,9 +700,6 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         """generate() asks for the mask ahead of each step with a static cache, so a compiled step sees fixed shapes."""
         positions = new_token_slots(cache, inputs_embeds.shape[1], inputs_embeds.device)
         return self.transformer.mask_for(attention_mask, cache, positions)
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.out_head = new_embeddings
 
     @can_return_tuple
     def forward(
