@@ -16,11 +16,6 @@ import sys
 import time
 
 import torch
-from bench_model import train_flops_per_token
-from transformers import CompileConfig, GPT2LMHeadModel
-
-from gpt2_scratch import GPT2ScratchConfig
-from gpt2_scratch.convert import config_to_hf, from_hf
 
 
 def cuda_seconds(run) -> float:
@@ -77,6 +72,13 @@ def main() -> int:
         print("gpu_check.py needs a CUDA GPU and torch.cuda.is_available() is False here; nothing was measured. "
               "Run it on a machine with a GPU (CPU decode speed: benchmarks/bench_generate.py).", file=sys.stderr)
         return 2
+    # Imported only once a GPU is known to be there: without one the answer comes before transformers loads.
+    from bench_model import train_flops_per_token
+    from transformers import CompileConfig, GPT2LMHeadModel
+
+    from gpt2_scratch import GPT2ScratchConfig
+    from gpt2_scratch.convert import config_to_hf, from_hf
+
     steps, new_tokens = (5, 50) if args.quick else (20, 200)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
