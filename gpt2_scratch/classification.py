@@ -28,6 +28,7 @@ from .lora import add_lora_arguments, check_target_modules, lora_config, trainab
 from .metrics import load_metric
 from .modeling_gpt2_scratch import GPT2ScratchForSequenceClassification
 from .sources import LABELLED, stratified_split
+from .tokenizer import with_stock_settings
 from .training import (
     BEST_MODEL,
     ArgumentParser,
@@ -252,8 +253,7 @@ def save_output(out: Path, model: GPT2ScratchForSequenceClassification, tokenize
     split = "test" if "test" in report else "validation"
     with staged_output(out) as staging:
         model.save_pretrained(staging)
-        tokenizer.model_max_length = model.config.context_length
-        tokenizer.save_pretrained(staging)
+        with_stock_settings(tokenizer, model.config.context_length).save_pretrained(staging)
         metrics = report[split]
         example = f"up to {model.config.context_length} tokens"
         strategy = f"LoRA r={args.lora_r} (merged) + head" if args.lora else f"--train_layers {args.train_layers}"

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")  # any one of them makes a tokenizer folder
 
 
 @contextlib.contextmanager
@@ -59,13 +53,22 @@ def staged_output(out: str | Path) -> Iterator[Path]:
 
 
 def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
-    """Copy whichever tokenizer files `source` has, so a converted model folder stays usable with AutoTokenizer."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, dest / name)
-            copied.append(name)
-    return copied
+    """Save the tokenizer of `source`, if it has one, into the model folder `dest` with stock GPT-2's settings and
+    `model_max_length` = the context in `dest`'s config.json, so the converted folder works with AutoTokenizer and
+    with the tools that read GPT-2 folders."""
+    from transformers import AutoTokenizer
+
+    from .tokenizer import load_gpt2_tokenizer, with_stock_settings
+
+    source, dest = Path(source), Path(dest)
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        return []
+    config = json.loads((dest / "config.json").read_text())
+    context = config.get("n_positions") or config["context_length"]
+    # Without tokenizer.json: GPT-2's BPE files, in transformers' or OpenAI's format.
+    tokenizer = AutoTokenizer.from_pretrained(source) if (source / "tokenizer.json").is_file() \
+        else load_gpt2_tokenizer(source)
+    return [Path(f).name for f in with_stock_settings(tokenizer, context).save_pretrained(dest)]
 
 
 @contextlib.contextmanager

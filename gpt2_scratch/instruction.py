@@ -31,6 +31,7 @@ from .metrics import load_metric
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .sources import SPLIT_SEED, fetch
 from .tasks import FAMILIES, SENTIMENT, make_tasks
+from .tokenizer import with_stock_settings
 from .training import (
     ArgumentParser,
     TrainingLoop,
@@ -334,6 +335,7 @@ def save_outputs(out: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase
     with staged_output(out) as staging:
         model.peft_config["default"].base_model_name_or_path = base
         model.save_pretrained(staging)
+        tokenizer = with_stock_settings(tokenizer, model.config.context_length)
         tokenizer.save_pretrained(staging)
         with open(staging / "eval_predictions.jsonl", "w") as f:
             for row in rows:

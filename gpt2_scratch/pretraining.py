@@ -41,7 +41,7 @@ from .hub import push_folder, render_model_card, save_loss_curve
 from .loading import check_source, load_model, load_tokenizer
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from .sources import cache_root
-from .tokenizer import load_gpt2_tokenizer, train_tokenizer
+from .tokenizer import load_gpt2_tokenizer, train_tokenizer, with_stock_settings
 from .training import (
     ArgumentParser,
     TrainingLoop,
@@ -320,8 +320,7 @@ def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedT
     """Model, tokenizer, card, loss curve and metrics, written so the folder loads only when complete."""
     with staged_output(out) as staging:
         model.save_pretrained(staging)
-        tokenizer.model_max_length = model.config.context_length
-        tokenizer.save_pretrained(staging)
+        with_stock_settings(tokenizer, model.config.context_length).save_pretrained(staging)
         metrics = {k.split("/")[-1]: v for k, v in result.metrics.items()}
         card = render_model_card(
             "causal_lm.md", repo_id=args.hub_model_id or f"gpt2-scratch-{Path(args.dataset).stem}",

@@ -3,6 +3,13 @@
 Both are transformers `PreTrainedTokenizerFast` objects with GPT-2's layout: the byte alphabet and the merges, then
 the single special token `<|endoftext|>` at the **last** id (50256 in GPT-2), which is bos, eos and padding.
 
+Saved settings. Every tokenizer the project writes carries stock GPT-2's settings, so tools that read GPT-2 folders
+(CTranslate2, lm-eval, TRL, vLLM) take it as they take OpenAI's: `<|endoftext|>` as bos, eos, padding and unknown
+token, `model_max_length` = the model's context, and `tokenizer_class` "GPT2Tokenizer" when the pipeline is GPT-2's
+own. A tokenizer with its own pre-tokenisation (isolated spaces, split digits) is saved as "TokenizersBackend", which
+reads `tokenizer.json` as it is: transformers' GPT2Tokenizer rebuilds GPT-2's pre-tokeniser and would split text
+differently.
+
 Padding policy. GPT-2 has no padding token, so we pad with `<|endoftext|>` (the vocabulary stays exactly GPT-2's)
 and always pass an attention mask. Labels are masked from the attention mask, never by token id
 (see `causal_lm_labels`): an `<|endoftext|>` that ends a real sequence stays a training target, so the model learns
@@ -21,7 +28,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import GPT2Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 ENDOFTEXT = "<|endoftext|>"
 BYTE_ALPHABET_SIZE = 256
@@ -45,17 +52,34 @@ def byte_level(model: models.BPE, isolate_spaces: bool = False, split_digits: bo
     return tokenizer
 
 
+def splits_like_gpt2(tokenizer: Tokenizer) -> bool:
+    """GPT-2's pre-tokeniser and decoder, exactly: what transformers' GPT2Tokenizer rebuilds when it loads a folder."""
+    pre = tokenizer.pre_tokenizer
+    return (isinstance(pre, pre_tokenizers.ByteLevel) and not pre.add_prefix_space and pre.use_regex
+            and isinstance(tokenizer.decoder, decoders.ByteLevel) and tokenizer.normalizer is None)
+
+
 def wrap(tokenizer: Tokenizer, model_max_length: int = VERY_LARGE) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(
+    """A transformers tokenizer around `tokenizer` with stock GPT-2's settings (see the module's docstring)."""
+    stock = GPT2Tokenizer if splits_like_gpt2(tokenizer) else PreTrainedTokenizerFast
+    return stock(
         tokenizer_object=tokenizer,
         bos_token=ENDOFTEXT,
         eos_token=ENDOFTEXT,
         pad_token=ENDOFTEXT,
-        unk_token=None,
+        unk_token=ENDOFTEXT,
         model_max_length=model_max_length,
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
+
+
+def with_stock_settings(tokenizer: PreTrainedTokenizerBase, model_max_length: int) -> PreTrainedTokenizerFast:
+    """`tokenizer` (same ids, same pipeline) with stock GPT-2's saved settings and the model's context: what every
+    folder the project writes holds, even when the tokenizer came from an older folder or elsewhere."""
+    if ENDOFTEXT not in tokenizer.get_vocab():
+        raise ValueError(f"the tokenizer has no {ENDOFTEXT} token; a GPT-2 tokenizer needs it as bos, eos and padding")
+    return wrap(tokenizer.backend_tokenizer, model_max_length)
 
 
 def with_endoftext_last(trained: Tokenizer) -> Tokenizer:
