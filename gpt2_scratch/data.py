@@ -8,7 +8,8 @@ document ends with `<|endoftext|>`, then all tokens are concatenated and cut int
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import argparse
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,60 @@ from transformers import PreTrainedTokenizerBase
 from .bpe import CHAR_TO_BYTE
 from .sources import LOADERS
 from .tokenizer import pieces_of, read_text_file
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default: str, named: Iterable[str],
+                       files: str) -> argparse._ArgumentGroup:
+    """The data arguments of transformers' example scripts (run_clm.py, run_classification.py): `--dataset_name` (one
+    of our `named` sources, or a Hub dataset) with `--dataset_config_name`, or local `--train_file`s; optional
+    `--validation_file`s and `--test_file`s. `--dataset` (a name or files) is this project's older spelling.
+    `check_data_arguments` settles them after parsing."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=None,
+                      help=f"a named source ({', '.join(named)}) or a Hub dataset; default {default} when no "
+                           "--train_file is given")
+    data.add_argument("--dataset_config_name", default=None, help="the configuration of the Hub dataset, if it has "
+                                                                  "several")
+    data.add_argument("--train_file", nargs="+", default=None, help=f"local training data: {files}")
+    data.add_argument("--validation_file", nargs="+", default=None,
+                      help="local validation data, instead of holding out part of the training data")
+    data.add_argument("--test_file", nargs="+", default=None, help="local test data, scored once after training")
+    data.add_argument("--dataset", nargs="+", default=None, metavar="NAME_OR_FILE",
+                      help="older spelling: a name acts as --dataset_name, files as --train_file")
+    parser.set_defaults(default_dataset=default)
+    return data
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """Resolve `--dataset` into `--dataset_name` or `--train_file`, refuse two sources, fill in the default."""
+    older, default = vars(args).pop("dataset", None), vars(args).pop("default_dataset", None)
+    if older:
+        if args.dataset_name or args.train_file:
+            raise ValueError("--dataset is the older spelling of --dataset_name / --train_file; give only one")
+        if len(older) == 1 and not Path(older[0]).exists() and looks_like_hub_id(older[0]):
+            args.dataset_name = older[0]
+        else:
+            args.train_file = older
+    if args.dataset_name and args.train_file:
+        raise ValueError(f"--dataset_name {args.dataset_name} and --train_file {' '.join(args.train_file)} are two "
+                         "sources of training data; give one")
+    if not args.train_file:
+        args.dataset_name = args.dataset_name or default
+    if args.dataset_config_name and not args.dataset_name:
+        raise ValueError("--dataset_config_name chooses a configuration of a --dataset_name; local files have none")
+
+
+def data_stem(args: argparse.Namespace) -> str:
+    """The training data's name as a repository name would end: `owner/name` → name, `dir/file.txt` → file."""
+    return Path(args.train_file[0] if args.train_file else args.dataset_name).stem
+
+
+def data_name(args: argparse.Namespace) -> str:
+    """The training data in a few words, for model cards and messages."""
+    if args.train_file:
+        return ", ".join(Path(f).name for f in args.train_file)
+    return args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
+
 
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 VALIDATION_FRACTION = 0.1
@@ -48,34 +103,76 @@ def split_characters(text: str) -> DatasetDict:
                        validation=Dataset.from_dict({"text": [text[cut:]]}))
 
 
-def load_corpus(spec: str, text_column: str = "text", seed: int = 0) -> DatasetDict:
-    """`train` and `validation` splits with a `text` column, from a named source, a local path or a Hub dataset.
+def local_files_of(specs: list[str], where: str) -> tuple[str, list[Path]]:
+    """`local_files` of several files or folders, which must hold one kind of file between them."""
+    builders, files = set(), []
+    for spec in specs:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"{where} {spec}: no such file or folder")
+        builder, found = local_files(Path(spec))
+        builders.add(builder)
+        files += found
+    if len(builders) > 1:
+        raise ValueError(f"{where} {' '.join(specs)}: mixes file types ({', '.join(sorted(builders))}); use one kind")
+    return builders.pop(), files
+
+
+def local_texts(specs: list[str], text_column: str, where: str) -> tuple[str, Dataset]:
+    """The builder and a `text` dataset of local files: plain text is one document (files joined in order),
+    tabular files give one row per non-empty text."""
+    builder, files = local_files_of(specs, where)
+    if builder == "text":
+        return builder, Dataset.from_dict({"text": ["".join(read_text_file(f) for f in files)]})
+    dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    return builder, select_text(dataset, text_column, " ".join(specs))
+
+
+def load_corpus(spec: str, text_column: str = "text", seed: int = 0, config: str | None = None) -> DatasetDict:
+    """`train` and `validation` splits with a `text` column, from a named source, a local path or a Hub dataset
+    (`config`: its configuration).
 
     Plain text (a file, or a folder of *.txt in sorted order) is split by characters, 90/10; tabular files and Hub
     datasets keep their own validation split, or hold out a seeded 10% of rows.
     """
     if spec in LOADERS:
+        if config:
+            raise ValueError(f"the named corpus {spec} has no configurations; drop --dataset_config_name")
         return LOADERS[spec]()
-    path = Path(spec)
-    if path.exists():
-        builder, files = local_files(path)
-        if builder == "text":
-            return split_characters("".join(read_text_file(f) for f in files))
-        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
-        return with_validation(select_text(dataset, text_column, spec), seed)
+    if Path(spec).exists():
+        builder, texts = local_texts([spec], text_column, "")
+        return split_characters(texts["text"][0]) if builder == "text" else with_validation(texts, seed)
     if not looks_like_hub_id(spec):
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a named corpus ({', '.join(LOADERS)})")
-    hub = load_hub_dataset(spec, f"a named corpus ({', '.join(LOADERS)}) or a local path")
+    hub = load_hub_dataset(spec, f"a named corpus ({', '.join(LOADERS)}) or a local path", config)
     if "validation" in hub:
         return DatasetDict(train=select_text(hub["train"], text_column, spec),
                            validation=select_text(hub["validation"], text_column, spec))
     return with_validation(select_text(hub["train"], text_column, spec), seed)
 
 
-def load_hub_dataset(spec: str, instead: str) -> DatasetDict:
-    """`datasets.load_dataset(spec)`, any failure reported as one ValueError that says what else `spec` is not."""
+def training_corpus(args: argparse.Namespace) -> DatasetDict:
+    """train, validation (and test) `text` splits from the data arguments (`add_data_arguments`): a
+    --validation_file replaces the held-out part; a --test_file adds a test split."""
+    if args.train_file:
+        builder, texts = local_texts(args.train_file, args.text_column, "--train_file")
+        if args.validation_file:
+            corpus = DatasetDict(train=texts)
+        else:
+            corpus = split_characters(texts["text"][0]) if builder == "text" else with_validation(texts, args.seed)
+    else:
+        corpus = load_corpus(args.dataset_name, args.text_column, args.seed, args.dataset_config_name)
+    for split in ("validation", "test"):
+        files = getattr(args, f"{split}_file")
+        if files:
+            corpus[split] = local_texts(files, args.text_column, f"--{split}_file")[1]
+    return corpus
+
+
+def load_hub_dataset(spec: str, instead: str, config: str | None = None) -> DatasetDict:
+    """`datasets.load_dataset(spec, config)`, any failure reported as one ValueError that says what else `spec` is
+    not."""
     try:
-        return load_dataset(spec)
+        return load_dataset(spec, config)
     except Exception as error:  # noqa: BLE001 - the Hub client raises many types; all mean "cannot load"
         raise ValueError(f"{spec!r} is not {instead}, and loading it as a Hub dataset failed: {error}") from error
 

@@ -26,21 +26,26 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from .configuration_gpt2_scratch import PRESETS, GPT2ScratchConfig
 from .data import (
+    add_data_arguments,
+    check_data_arguments,
+    data_name,
+    data_stem,
     evaluation_windows,
     flat_tokens,
-    load_corpus,
-    local_files,
+    local_files_of,
+    local_texts,
     looks_like_hub_id,
     pack_blocks,
     streaming_blocks,
     token_byte_lengths,
     tokenize_lines,
+    training_corpus,
 )
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_loss_curve
 from .loading import check_source, load_model, load_tokenizer
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from .sources import cache_root
+from .sources import LOADERS, cache_root
 from .tokenizer import load_gpt2_tokenizer, train_tokenizer, with_stock_settings
 from .training import (
     ArgumentParser,
@@ -59,13 +64,11 @@ MODEL_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Pretrain a GPT-2 from scratch with Accelerate.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="shakespeare",
-                      help="a named corpus (shakespeare), a .txt/.json/.jsonl/.csv/.parquet file or folder, or a "
-                           "Hub dataset name")
+    data = add_data_arguments(parser, "shakespeare", LOADERS, ".txt/.json/.jsonl/.csv/.parquet files or folders; "
+                                                              "plain text is split 90/10 by characters")
     data.add_argument("--text_column", default="text")
     data.add_argument("--streaming", action="store_true",
-                      help="tokenise and pack on the fly (local files or Hub); needs --tokenizer and --max_steps")
+                      help="tokenise and pack --train_file on the fly; needs --tokenizer and --max_steps")
     data.add_argument("--streaming_eval_blocks", type=int, default=16,
                       help="with --streaming: the first N blocks of the stream are the validation split")
     data.add_argument("--tokenizer", default=None,
@@ -174,31 +177,41 @@ class BlockStream(torch.utils.data.IterableDataset):
 
 
 def prepare_data(args, accelerator: Accelerator):
-    """(tokenizer, training dataset, validation tokens, description of the data)."""
+    """(tokenizer, training dataset, validation tokens, test tokens or None)."""
     if args.streaming:
-        path = Path(args.dataset)
-        if not path.exists():
-            raise FileNotFoundError(f"--streaming reads local files here: {args.dataset} does not exist")
-        builder, files = local_files(path)
+        if not args.train_file:
+            raise ValueError("--streaming reads local files: give them with --train_file")
+        builder, files = local_files_of(args.train_file, "--train_file")
         tokenizer = get_tokenizer(args, None)
         block = args.context_length or PRESETS[args.preset]["context_length"]
 
         def make_blocks() -> Iterator[dict]:
             return streaming_blocks(files, builder, tokenizer, block, args.text_column)
 
+        if args.validation_file:
+            return (tokenizer, BlockStream(make_blocks, 0), file_tokens(args, "validation", tokenizer),
+                    file_tokens(args, "test", tokenizer))
         eval_blocks = [b["input_ids"] for b in itertools.islice(make_blocks(), args.streaming_eval_blocks)]
         if len(eval_blocks) < args.streaming_eval_blocks:
-            raise ValueError(f"{args.dataset} holds fewer than {args.streaming_eval_blocks + 1} blocks of {block} "
+            raise ValueError(f"{data_name(args)} holds fewer than {args.streaming_eval_blocks + 1} blocks of {block} "
                              "tokens: too little text to stream")
-        return tokenizer, BlockStream(make_blocks, args.streaming_eval_blocks), np.concatenate(eval_blocks)
+        return (tokenizer, BlockStream(make_blocks, args.streaming_eval_blocks), np.concatenate(eval_blocks),
+                file_tokens(args, "test", tokenizer))
     with accelerator.main_process_first():  # the main process downloads and tokenises; the others read the cache
-        corpus = load_corpus(args.dataset, args.text_column, args.seed)
+        corpus = training_corpus(args)
         tokenizer = get_tokenizer(args, corpus["train"])
         train_tokens = cached_tokens(corpus["train"], tokenizer)
         validation_tokens = cached_tokens(corpus["validation"], tokenizer)
+        test = cached_tokens(corpus["test"], tokenizer) if "test" in corpus else None
     block = args.context_length or PRESETS[args.preset]["context_length"]
-    blocks = pack_blocks(train_tokens, block, f"the training split of {args.dataset}").with_format("torch")
-    return tokenizer, blocks, validation_tokens
+    blocks = pack_blocks(train_tokens, block, f"the training split of {data_name(args)}").with_format("torch")
+    return tokenizer, blocks, validation_tokens, test
+
+
+def file_tokens(args, split: str, tokenizer: PreTrainedTokenizerBase) -> np.ndarray | None:
+    """The tokens of --validation_file or --test_file (`split`), if given, for a streaming run."""
+    files = getattr(args, f"{split}_file")
+    return cached_tokens(local_texts(files, args.text_column, f"--{split}_file")[1], tokenizer) if files else None
 
 
 def language_model_evaluator(
@@ -287,7 +300,7 @@ def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, datase
     step count fitted beforehand missed by up to 28% on these shared machines: runs cut before the decay's end, or
     ending early), warmup over the first ~5% of the steps timed here, and `evaluations` validation passes evenly
     spaced over those steps besides the final one (each costs training time: the clock runs through them)."""
-    args = ["--dataset", dataset, "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
+    args = ["--dataset_name", dataset, "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
             "--per_device_train_batch_size", str(recipe.batch_size), "--learning_rate", str(recipe.learning_rate),
             "--optimizer", recipe.optimizer, "--weight_decay", "0.1", "--drop_rate", "0.0",
             "--max_train_minutes", str(minutes), "--logging_steps", "25", "--seed", "1337"]
@@ -321,10 +334,10 @@ def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedT
     with staged_output(out) as staging:
         model.save_pretrained(staging)
         with_stock_settings(tokenizer, model.config.context_length).save_pretrained(staging)
-        metrics = {k.split("/")[-1]: v for k, v in result.metrics.items()}
+        metrics = {k.replace("eval/", "").replace("/", "_"): v for k, v in result.metrics.items()}
         card = render_model_card(
-            "causal_lm.md", repo_id=args.hub_model_id or f"gpt2-scratch-{Path(args.dataset).stem}",
-            dataset=args.dataset, metrics=metrics, pipeline_tag="text-generation", license=args.license,
+            "causal_lm.md", repo_id=args.hub_model_id or f"gpt2-scratch-{data_stem(args)}",
+            dataset=data_name(args), metrics=metrics, pipeline_tag="text-generation", license=args.license,
             training_config=public_arguments(args), parameters=f"{model.num_parameters():,}", prompt=args.prompt,
             origin=f"from {args.model_name_or_path}" if args.model_name_or_path else "from scratch",
             training_summary=describe_run(args, result, f"{model.config.context_length} tokens"),
@@ -337,19 +350,20 @@ def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedT
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     check_training_arguments(args)
+    check_data_arguments(args)
     if args.streaming and args.max_steps <= 0:
         raise ValueError("--streaming has no epochs to count: give --max_steps")
     check_init_from(args)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    tokenizer, train_data, validation_tokens = prepare_data(args, accelerator)
+    tokenizer, train_data, validation_tokens, test_tokens = prepare_data(args, accelerator)
     if not args.model_name_or_path:  # refused before it is built; a loaded model is checked by the loop
         check_memory(args, build_config(args, tokenizer), accelerator.device)
     model = load_start(args, tokenizer)
     config = model.config
+    eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
     evaluate = language_model_evaluator(validation_tokens, token_byte_lengths(tokenizer), config.context_length,
-                                        args.per_device_eval_batch_size or args.per_device_train_batch_size,
-                                        accelerator)
+                                        eval_batch, accelerator)
     loop = TrainingLoop(accelerator, args, model, train_data, collate_blocks, evaluate)
     accelerator.init_trackers("runs", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
     length = f"optimizer steps for {args.max_train_minutes:g} minutes" if args.schedule_on_clock \
@@ -359,9 +373,17 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                       f"context {config.context_length}); {length} on "
                       f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}")
     result = loop.run()
+    final = accelerator.unwrap_model(loop.model)
+    if test_tokens is not None:  # scored once, by the weights that are saved
+        score_test = language_model_evaluator(test_tokens, token_byte_lengths(tokenizer), config.context_length,
+                                              eval_batch, accelerator)
+        with torch.no_grad():
+            final.eval()
+            result.metrics.update({k.replace("eval/", "test/"): v for k, v in score_test(final).items()})
+        accelerator.print(f"test bits per byte {result.metrics['test/bits_per_byte']:.4f}")
     out = Path(args.output_dir)
     if accelerator.is_main_process:
-        save_output(out, accelerator.unwrap_model(loop.model), tokenizer, args, result)
+        save_output(out, final, tokenizer, args, result)
         print(f"saved to {out}: validation bits per byte {result.metrics['eval/bits_per_byte']:.4f}")
         if args.push_to_hub:
             print(f"pushed to {push_folder(out, args.hub_model_id)}")
