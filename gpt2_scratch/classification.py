@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from peft import get_peft_model
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, set_seed
 
-from .data import load_hub_dataset, local_files, looks_like_hub_id
+from .data import add_data_arguments, check_data_arguments, data_name, data_stem, load_hub_dataset, local_files_of
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_confusion_matrix, save_loss_curve
 from .loading import check_source, load_model, load_tokenizer
@@ -45,12 +45,9 @@ TRAIN_LAYERS = re.compile(r"^(head|last_block|all|last:(\d+))$")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Fine-tune a GPT-2 text classifier with Accelerate.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", nargs="+", default=["rotten_tomatoes"],
-                      help="a named source (rotten_tomatoes), .csv/.json/.jsonl/.parquet file(s) or a folder, or a "
-                           "Hub dataset; without validation/test splits, a seeded stratified 80/10/10 split is made")
-    data.add_argument("--validation_file", nargs="+", default=None, help="validation rows, if not split from --dataset")
-    data.add_argument("--test_file", nargs="+", default=None, help="test rows, if not split from --dataset")
+    data = add_data_arguments(parser, "rotten_tomatoes", LABELLED,
+                              ".csv/.json/.jsonl/.parquet files or folders of labelled rows; without validation/test "
+                              "splits, a seeded stratified 80/10/10 split is made")
     data.add_argument("--text_column", default="text")
     data.add_argument("--label_column", default="label", help="string or integer labels, two or more classes")
     model = parser.add_argument_group("model")
@@ -76,35 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_split(specs: list[str], where: str) -> Dataset:
-    builders, files = set(), []
-    for spec in specs:
-        path = Path(spec)
-        if not path.exists():
-            raise FileNotFoundError(f"{where} {spec}: no such file or folder")
-        builder, found = local_files(path)
-        builders.add(builder)
-        files += [str(f) for f in found]
-    if builders == {"text"} or len(builders) > 1:
+    builder, files = local_files_of(specs, where)
+    if builder == "text":
         raise ValueError(f"{where}: give .csv, .json, .jsonl or .parquet files of one kind (labelled rows), got "
                          f"{', '.join(specs)}")
-    return load_dataset(builders.pop(), data_files=files, split="train")
+    return load_dataset(builder, data_files=[str(f) for f in files], split="train")
 
 
 def load_splits(args: argparse.Namespace) -> DatasetDict:
     """train (and validation, test if the data has them) with the raw text and label columns."""
-    if len(args.dataset) == 1 and args.dataset[0] in LABELLED:
-        return LABELLED[args.dataset[0]]()
-    first = args.dataset[0]
-    if len(args.dataset) == 1 and not Path(first).exists() and looks_like_hub_id(first):
-        splits = load_hub_dataset(first, f"a named source ({', '.join(LABELLED)}) or a local path")
-        splits = DatasetDict({name: splits[name] for name in ("train", "validation", "test") if name in splits})
+    name = args.dataset_name
+    if name in LABELLED:
+        if args.dataset_config_name:
+            raise ValueError(f"the named source {name} has no configurations; drop --dataset_config_name")
+        splits = LABELLED[name]()
+    elif name:
+        splits = load_hub_dataset(name, f"a named source ({', '.join(LABELLED)}) or a local path",
+                                  args.dataset_config_name)
+        splits = DatasetDict({split: splits[split] for split in ("train", "validation", "test") if split in splits})
         if "train" not in splits:
-            raise ValueError(f"Hub dataset {first} has no train split")
+            raise ValueError(f"Hub dataset {name} has no train split")
     else:
-        splits = DatasetDict(train=read_split(args.dataset, "--dataset"))
-    for name, specs in (("validation", args.validation_file), ("test", args.test_file)):
+        splits = DatasetDict(train=read_split(args.train_file, "--train_file"))
+    for split, specs in (("validation", args.validation_file), ("test", args.test_file)):
         if specs:
-            splits[name] = read_split(specs, f"--{name}_file")
+            splits[split] = read_split(specs, f"--{split}_file")
     return splits
 
 
@@ -120,7 +113,7 @@ def label_names(train: Dataset, where: str) -> list[str]:
 
 def prepare_labelled(splits: DatasetDict, args: argparse.Namespace) -> tuple[DatasetDict, list[str]]:
     """Columns renamed to text/label, checked, labels as ClassLabel ids, and split 80/10/10 where splits are missing."""
-    where = ", ".join(args.dataset)
+    where = data_name(args)
     checked = {}
     for name, split in splits.items():
         for column in (args.text_column, args.label_column):
@@ -258,8 +251,8 @@ def save_output(out: Path, model: GPT2ScratchForSequenceClassification, tokenize
         example = f"up to {model.config.context_length} tokens"
         strategy = f"LoRA r={args.lora_r} (merged) + head" if args.lora else f"--train_layers {args.train_layers}"
         card = render_model_card(
-            "text_classification.md", repo_id=args.hub_model_id or f"gpt2-scratch-{Path(args.dataset[0]).stem}",
-            dataset=args.dataset[0], metrics=metrics, pipeline_tag="text-classification", license=args.license,
+            "text_classification.md", repo_id=args.hub_model_id or f"gpt2-scratch-{data_stem(args)}",
+            dataset=data_name(args), metrics=metrics, pipeline_tag="text-classification", license=args.license,
             training_config=public_arguments(args), split=split, labels=names, strategy=strategy,
             parameters=f"{model.num_parameters():,}", base=args.model_name_or_path,
             training_summary=describe_run(args, result, example), example=names[-1],
@@ -267,12 +260,13 @@ def save_output(out: Path, model: GPT2ScratchForSequenceClassification, tokenize
         )
         card.save(staging / "README.md")
         save_loss_curve(result.progress.history, staging / "loss_curve.png")
-        save_confusion_matrix(matrix, names, staging / "confusion_matrix.png", f"{args.dataset[0]}, {split} split")
+        save_confusion_matrix(matrix, names, staging / "confusion_matrix.png", f"{data_name(args)}, {split} split")
         (staging / "metrics.json").write_text(json.dumps(report, indent=2))
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     check_training_arguments(args)
+    check_data_arguments(args)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     check_source(args.model_name_or_path, "--model_name_or_path")

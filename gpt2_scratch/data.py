@@ -138,10 +138,10 @@ def load_corpus(spec: str, text_column: str = "text", seed: int = 0, config: str
         if config:
             raise ValueError(f"the named corpus {spec} has no configurations; drop --dataset_config_name")
         return LOADERS[spec]()
-    if Path(spec).exists():
+    if Path(spec).exists() and not config:  # with a configuration, a folder is a clone of a Hub dataset
         builder, texts = local_texts([spec], text_column, "")
         return split_characters(texts["text"][0]) if builder == "text" else with_validation(texts, seed)
-    if not looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec) and not Path(spec).exists():
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a named corpus ({', '.join(LOADERS)})")
     hub = load_hub_dataset(spec, f"a named corpus ({', '.join(LOADERS)}) or a local path", config)
     if "validation" in hub:

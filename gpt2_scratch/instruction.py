@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from peft import PeftModel, get_peft_model
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, set_seed
 
-from .data import load_hub_dataset
+from .data import add_data_arguments, check_data_arguments, data_name, data_stem, load_hub_dataset
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_loss_curve
 from .loading import check_source, load_model, load_tokenizer
@@ -64,16 +64,14 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Instruction-tune a GPT-2 with PEFT LoRA and Accelerate.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", nargs="+", default=["tasks"],
-                      help="'tasks' (generated verifiable tasks), 'chatterbot', Alpaca-style .json/.jsonl file(s), or "
-                           "a Hub dataset; files and Hub data without a test split hold out a seeded 10%%")
-    data.add_argument("--test_file", nargs="+", default=None, help="test records, if not split from --dataset")
+    data = add_data_arguments(parser, "tasks", ["tasks (generated verifiable tasks)", "chatterbot"],
+                              "Alpaca-style .json/.jsonl records; files and Hub data without a test split hold out a "
+                              "seeded 10%% of the instructions")
     data.add_argument("--instruction_column", default="instruction")
     data.add_argument("--input_column", default="input", help="optional in the data")
     data.add_argument("--output_column", default="output")
     data.add_argument("--tasks", nargs="+", default=list(FAMILIES),
-                      help=f"task families for --dataset tasks: {', '.join([*FAMILIES, SENTIMENT])}")
+                      help=f"task families for --dataset_name tasks: {', '.join([*FAMILIES, SENTIMENT])}")
     data.add_argument("--task_train_size", type=int, default=2000, help="training instances per task family")
     data.add_argument("--task_test_size", type=int, default=50, help="held-out instances per task family")
     data.add_argument("--task_weights", nargs="+", default=[], metavar="FAMILY=W",
@@ -196,28 +194,36 @@ def parse_task_weights(specs: list[str]) -> dict[str, float]:
 
 
 def load_instructions(args: argparse.Namespace) -> DatasetDict:
-    """train and test splits with instruction, input, output and task columns."""
-    first = args.dataset[0]
-    if args.task_weights and args.dataset != ["tasks"]:
-        raise ValueError(f"--task_weights weighs the generated task families; it does nothing for --dataset {first}")
-    if args.dataset == ["tasks"]:
+    """train and test splits (and validation, from --validation_file) with instruction, input, output and task
+    columns."""
+    name = args.dataset_name
+    if args.task_weights and name != "tasks":
+        raise ValueError(f"--task_weights weighs the generated task families; it does nothing for {data_name(args)}")
+    if name in ("tasks", "chatterbot") and args.dataset_config_name:
+        raise ValueError(f"the named source {name} has no configurations; drop --dataset_config_name")
+    if name == "tasks":
         if args.task_train_size < 1 or args.task_test_size < 1:
             raise ValueError("--task_train_size and --task_test_size must be at least 1")
-        return make_tasks(args.tasks, args.task_train_size, args.task_test_size, args.seed,
-                          parse_task_weights(args.task_weights))
-    if args.dataset == ["chatterbot"]:
+        splits = make_tasks(args.tasks, args.task_train_size, args.task_test_size, args.seed,
+                            parse_task_weights(args.task_weights))
+    elif name == "chatterbot":
         splits = held_out_by_instruction(chatterbot_pairs(), SPLIT_SEED)
-    elif all(Path(spec).suffix in (".json", ".jsonl") or Path(spec).exists() for spec in args.dataset):
-        records = load_files(args.dataset, args)
-        splits = DatasetDict(train=records, test=load_files(args.test_file, args)) if args.test_file \
-            else held_out_by_instruction(records, args.seed)
+    elif args.train_file:
+        records = load_files(args.train_file, args)
+        splits = DatasetDict(train=records) if args.test_file else held_out_by_instruction(records, args.seed)
     else:
-        hub = load_hub_dataset(first, "'tasks', 'chatterbot' or a local file")
-        records = {name: records_to_dataset(list(split), f"{first} ({name} split)", args) for name, split in
+        hub = load_hub_dataset(name, "'tasks', 'chatterbot' or a local file", args.dataset_config_name)
+        records = {split: records_to_dataset(list(rows), f"{name} ({split} split)", args) for split, rows in
                    hub.items()}
         splits = DatasetDict(train=records["train"], test=records["test"]) if "test" in records \
             else held_out_by_instruction(records["train"], args.seed)
-    return DatasetDict({name: split.add_column("task", [first] * len(split)) for name, split in splits.items()})
+    for split in ("validation", "test"):
+        files = getattr(args, f"{split}_file")
+        if files:
+            splits[split] = load_files(files, args)
+    task = data_name(args)
+    return DatasetDict({split: rows if "task" in rows.column_names else rows.add_column("task", [task] * len(rows))
+                        for split, rows in splits.items()})
 
 
 def encode(example: dict, tokenizer: PreTrainedTokenizerBase, mask_prompt: bool) -> dict:
@@ -345,8 +351,8 @@ def save_outputs(out: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase
              "validation": {k.split("/")[-1]: v for k, v in result.metrics.items()}}, indent=2))
         save_loss_curve(result.progress.history, staging / "loss_curve.png")
         card = render_model_card(
-            "lora_adapter.md", repo_id=args.hub_model_id or f"gpt2-scratch-lora-{Path(args.dataset[0]).stem}",
-            dataset=args.dataset[0], metrics={"exact_match": overall["exact_match"], "rouge_l": overall["rouge_l"]},
+            "lora_adapter.md", repo_id=args.hub_model_id or f"gpt2-scratch-lora-{data_stem(args)}",
+            dataset=data_name(args), metrics={"exact_match": overall["exact_match"], "rouge_l": overall["rouge_l"]},
             pipeline_tag="text-generation", license=args.license, training_config=public_arguments(args),
             split="test", base_model=args.base_model_id or base, report=report,
             lora=f"r={args.lora_r}, alpha={args.lora_alpha}, dropout={args.lora_dropout}, target modules "
@@ -365,6 +371,7 @@ def save_outputs(out: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase
 
 def run(args: argparse.Namespace) -> dict:
     check_training_arguments(args)
+    check_data_arguments(args)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     check_source(args.model_name_or_path, "--model_name_or_path")
@@ -378,11 +385,11 @@ def run(args: argparse.Namespace) -> dict:
     with accelerator.main_process_first():  # the main process downloads and maps; the others read the caches
         splits = load_instructions(args)
         held = splits["train"].train_test_split(test_size=min(0.05, 200 / len(splits["train"])), seed=args.seed) \
-            if len(splits["train"]) >= 20 else None
+            if len(splits["train"]) >= 20 and "validation" not in splits else None
         train = held["train"] if held else splits["train"]
+        validation = splits["validation"] if "validation" in splits else held["test"] if held else train
         encoded = {name: tokenize_instructions(split, tokenizer, context, args.mask_prompt, name, accelerator)
-                   for name, split in (("train", train), ("validation", held["test"] if held else train),
-                                       ("test", splits["test"]))}
+                   for name, split in (("train", train), ("validation", validation), ("test", splits["test"]))}
     test = encoded["test"].select(range(min(args.max_eval_examples or len(encoded["test"]), len(encoded["test"]))))
     model = get_peft_model(model, lora_config(args, "CAUSAL_LM", vocab_size=model.config.vocab_size))
     accelerator.print(f"records: train {len(encoded['train'])}, validation {len(encoded['validation'])}, "

@@ -114,8 +114,9 @@ def test_best_validation_weights_are_the_ones_saved(base, labelled, tmp_path):
 
     from gpt2_scratch.classification import tokenize_labelled
 
-    args = argparse.Namespace(dataset=[str(labelled)], validation_file=None, test_file=None, text_column="review",
-                              label_column="sentiment", seed=3)
+    args = argparse.Namespace(dataset_name=None, dataset_config_name=None, train_file=[str(labelled)],
+                              validation_file=None, test_file=None, text_column="review", label_column="sentiment",
+                              seed=3)
     splits, _ = prepare_labelled(load_splits(args), args)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()

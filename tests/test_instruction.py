@@ -135,10 +135,10 @@ def test_task_weights_give_a_family_more_training_instances_and_leave_the_test_s
 def test_task_weights_on_other_data_are_refused(base, tmp_path):
     from gpt2_scratch.instruction import load_instructions
 
-    args = build_parser().parse_args(["--model_name_or_path", str(base), "--output_dir", str(tmp_path), "--dataset",
-                                      "chatterbot", "--task_weights", "add=2"])
+    args = build_parser().parse_args(["--model_name_or_path", str(base), "--output_dir", str(tmp_path),
+                                      "--dataset_name", "chatterbot", "--task_weights", "add=2"])
     with pytest.raises(ValueError, match="--task_weights weighs the generated task families; it does nothing for "
-                                         "--dataset chatterbot"):
+                                         "chatterbot"):
         load_instructions(args)
 
 
