@@ -71,32 +71,33 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
 
 
+HIDE_PACKAGE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "gpt2_scratch" or name.startswith("gpt2_scratch."):
+                raise ImportError("gpt2_scratch is hidden in this process")
+    sys.meta_path.insert(0, _Block())
+    try:
+        import gpt2_scratch
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("gpt2_scratch must not be importable here")
+    """
+)
+
+
+def without_package(code: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a fresh interpreter running `code` where `import gpt2_scratch` fails."""
+    return [sys.executable, "-c", HIDE_PACKAGE + textwrap.dedent(code)], {**os.environ, "PYTHONPATH": ""}
+
+
 def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter where `import gpt2_scratch` fails, as for a user who only has the folder."""
-    prelude = textwrap.dedent(
-        """
-        import importlib.abc, sys
-        class _Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "gpt2_scratch" or name.startswith("gpt2_scratch."):
-                    raise ImportError("gpt2_scratch is hidden in this process")
-        sys.meta_path.insert(0, _Block())
-        try:
-            import gpt2_scratch
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("gpt2_scratch must not be importable here")
-        """
-    )
-    return subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": ""},
-    )
+    command, env = without_package(code)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
