@@ -8,15 +8,21 @@ import shutil
 import pytest
 import tiktoken
 import torch
-from conftest import TEXT, assert_ok, run_without_package
+from conftest import TEXT, assert_ok, make_tokenizer, run_without_package
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, GPT2TokenizerFast
+from transformers import AutoTokenizer, GPT2Tokenizer, GPT2TokenizerFast
 
 from gpt2_scratch.bpe import ReferenceBPE, bytes_to_unicode
 from gpt2_scratch.cli import main as cli
 from gpt2_scratch.sources import fetch, shakespeare_text
-from gpt2_scratch.tokenizer import ENDOFTEXT, causal_lm_labels, load_gpt2_tokenizer, train_tokenizer
+from gpt2_scratch.tokenizer import (
+    ENDOFTEXT,
+    causal_lm_labels,
+    load_gpt2_tokenizer,
+    train_tokenizer,
+    with_stock_settings,
+)
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -186,8 +192,34 @@ def test_isolated_spaces_and_split_digits(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert reloaded(VARIED)["input_ids"] == tokenizer(VARIED)["input_ids"]
+    # Saved as the class that reads tokenizer.json as it is: GPT2Tokenizer would rebuild GPT-2's pre-tokeniser.
+    saved = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "TokenizersBackend"
+    assert pre_tokenizer_of(reloaded) == pre_tokenizer_of(tokenizer) != pre_tokenizer_of(
+        GPT2Tokenizer.from_pretrained(tmp_path / "tok"))
     default = train_tokenizer([corpus], 300, show_progress=False)
     assert default("mat cat", add_special_tokens=False)["input_ids"][1:] != word  # GPT-2's " cat" differs
+
+
+def pre_tokenizer_of(tokenizer) -> dict:
+    return json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"]
+
+
+def test_saved_tokenizers_carry_stock_gpt2_settings(gpt2, tmp_path):
+    """What CTranslate2 and other GPT-2 readers need: <|endoftext|> as unk too, and a class they know."""
+    for name, tokenizer in (("openai", gpt2), ("trained", train_tokenizer([TEXT], 300, show_progress=False))):
+        tokenizer.save_pretrained(tmp_path / name)
+        settings = json.loads((tmp_path / name / "tokenizer_config.json").read_text())
+        assert settings["tokenizer_class"] == "GPT2Tokenizer" and settings["unk_token"] == ENDOFTEXT
+        reloaded = AutoTokenizer.from_pretrained(tmp_path / name)
+        assert isinstance(reloaded, GPT2Tokenizer) and reloaded(VARIED)["input_ids"] == tokenizer(VARIED)["input_ids"]
+    assert gpt2.model_max_length == 1024
+    stock = with_stock_settings(make_tokenizer(), 64)  # an older folder's tokenizer, re-saved: same ids
+    assert (stock.unk_token, stock.model_max_length) == (ENDOFTEXT, 64)
+    assert stock(VARIED)["input_ids"] == make_tokenizer()(VARIED)["input_ids"]
+    with pytest.raises(ValueError, match="the tokenizer has no <|endoftext|> token"):
+        with_stock_settings(GPT2Tokenizer(vocab={"a": 0, "b": 1}, merges=[], unk_token="a", bos_token="a",
+                                          eos_token="a"), 64)
 
 
 def test_train_tokenizer_cli(tmp_path, capsys):
