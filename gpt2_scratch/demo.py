@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             "--seed", "1"]):
         return 1
     step(f"done: {RUN} holds the model, tokenizer, model card (README.md), loss_curve.png and metrics.json; it "
-         "loads with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+         "loads with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) and "
+         "AutoTokenizer.from_pretrained(..., trust_remote_code=True)")
     return 0
 
 
