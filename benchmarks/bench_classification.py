@@ -4,7 +4,7 @@ majority class and TF-IDF + logistic regression, all computed here on the same s
     .venv/bin/python benchmarks/bench_classification.py     # ~17 minutes on 2 CPU cores
 
 1. A 4,096-token BPE is trained on the classification train split.
-2. Domain-adaptive pretraining: `training/pretrain.py --dataset rotten_tomatoes` (the train texts; validation texts
+2. Domain-adaptive pretraining: `training/pretrain.py --dataset_name rotten_tomatoes` (the train texts; validation texts
    are only scored; test texts never seen) with `REVIEWS_BASE` (6 x 192, context 128, AdamW: the base these numbers
    were measured with), steps fitted to `--pretrain_minutes`.
 3. `training/finetune_classification.py` on that model: all layers, 2 epochs, best validation macro-F1 kept,

@@ -62,7 +62,7 @@ def labelled(tmp_path_factory) -> Path:
 
 def finetune(base: Path, data: Path, out: Path, *extra: str, launcher: list[str] | None = None):
     return run_training_script("finetune_classification.py", [
-        "--model_name_or_path", str(base), "--dataset", str(data), "--text_column", "review",
+        "--model_name_or_path", str(base), "--train_file", str(data), "--text_column", "review",
         "--label_column", "sentiment", "--output_dir", str(out), *TRAIN, *extra], launcher)
 
 

@@ -275,7 +275,7 @@ def test_records_longer_than_the_context_are_skipped_and_counted(base, tmp_path)
     data = write_jsonl(tmp_path / "records.jsonl", records)
     test = write_jsonl(tmp_path / "test.jsonl", [GOOD])
     result = run_training_script("finetune_instruction_lora.py", [
-        "--model_name_or_path", str(base), "--dataset", str(data), "--test_file", str(test), "--output_dir",
+        "--model_name_or_path", str(base), "--train_file", str(data), "--test_file", str(test), "--output_dir",
         str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2"])
     assert_ok(result)
     assert "train: skipped 1 of 6 records longer than the context of 256 tokens" in result.stdout

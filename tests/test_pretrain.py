@@ -79,7 +79,7 @@ def test_output_folder_is_hub_ready(full_run, tmp_path):
     result = run_without_package(
         f"""
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained({str(full_run)!r})
+        tokenizer = AutoTokenizer.from_pretrained({str(full_run)!r}, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained({str(full_run)!r}, trust_remote_code=True)
         ids = tokenizer("To be, or not", return_tensors="pt")
         out = model.generate(**ids, max_new_tokens=5, do_sample=False)

@@ -2,7 +2,7 @@
 
     python training/finetune_classification.py --model_name_or_path runs/demo --output_dir runs/sentiment
     accelerate launch --num_processes 2 --cpu training/finetune_classification.py --model_name_or_path runs/demo \
-        --dataset reviews.csv --text_column review --label_column stars --output_dir runs/stars --lora
+        --train_file reviews.csv --text_column review --label_column stars --output_dir runs/stars --lora
 
 Run with --help for every option; data preparation, the loop and evaluation live in gpt2_scratch.classification.
 """

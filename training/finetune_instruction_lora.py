@@ -2,7 +2,7 @@
 
     python training/finetune_instruction_lora.py --model_name_or_path runs/demo --output_dir runs/lora --merge
     accelerate launch --num_processes 2 --cpu training/finetune_instruction_lora.py \
-        --model_name_or_path runs/demo --dataset alpaca.jsonl --output_dir runs/alpaca
+        --model_name_or_path runs/demo --train_file alpaca.jsonl --output_dir runs/alpaca
 
 Run with --help for every option; data preparation, the loop and evaluation live in gpt2_scratch.instruction.
 """

@@ -1,7 +1,7 @@
 """Pretrain a GPT-2 from scratch.
 
-    python training/pretrain.py --dataset shakespeare --output_dir runs/shakespeare --max_train_minutes 10
-    accelerate launch --num_processes 2 --cpu training/pretrain.py --dataset shakespeare --output_dir runs/ddp
+    python training/pretrain.py --dataset_name shakespeare --output_dir runs/shakespeare --max_train_minutes 10
+    accelerate launch --num_processes 2 --cpu training/pretrain.py --dataset_name shakespeare --output_dir runs/ddp
 
 Run with --help for every option; the loop, data preparation and evaluation live in gpt2_scratch.pretraining.
 """
