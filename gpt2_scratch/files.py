@@ -54,9 +54,9 @@ def staged_output(out: str | Path) -> Iterator[Path]:
 
 def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
     """Save the tokenizer of `source`, if it has one, into the model folder `dest` with stock GPT-2's settings and
-    `model_max_length` = the context in `dest`'s config.json, so the converted folder works with AutoTokenizer and
-    with the tools that read GPT-2 folders."""
-    from transformers import AutoTokenizer
+    `model_max_length` = the context in `dest`'s config.json (and, for GPT-2's pipeline, vocab.json + merges.txt),
+    so the converted folder works with AutoTokenizer and with the tools that read GPT-2 folders."""
+    from transformers import AutoTokenizer, GPT2Tokenizer
 
     from .tokenizer import load_gpt2_tokenizer, with_stock_settings
 
@@ -68,7 +68,11 @@ def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
     # Without tokenizer.json: GPT-2's BPE files, in transformers' or OpenAI's format.
     tokenizer = AutoTokenizer.from_pretrained(source) if (source / "tokenizer.json").is_file() \
         else load_gpt2_tokenizer(source)
-    return [Path(f).name for f in with_stock_settings(tokenizer, context).save_pretrained(dest)]
+    stock = with_stock_settings(tokenizer, context)
+    written = [Path(f).name for f in stock.save_pretrained(dest)]
+    if isinstance(stock, GPT2Tokenizer):  # GPT-2's own two files too, as stock GPT-2 folders have them
+        written += [Path(f).name for f in stock.backend_tokenizer.model.save(str(dest))]
+    return written
 
 
 @contextlib.contextmanager

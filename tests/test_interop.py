@@ -99,6 +99,7 @@ def test_saved_tokenizers_carry_stock_gpt2_settings(pretrained, tmp_path):
         settings = json.loads((folder / "tokenizer_config.json").read_text())
         assert settings["tokenizer_class"] == "GPT2Tokenizer" and settings["model_max_length"] == CONTEXT
         assert settings["unk_token"] == settings["eos_token"] == settings["bos_token"] == "<|endoftext|>"
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / "stock").iterdir()}  # as on the Hub
     assert json.loads((pretrained / "metrics.json").read_text())["test_bits_per_byte"] > 0  # --test_file scored
 
 
