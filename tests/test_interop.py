@@ -32,6 +32,16 @@ SENTENCES = TEXT.split(". ")[:2]  # the two sentences TEXT repeats
 TEST_TEXT = "To be, or not to be, that is the question. To take arms against a sea of troubles and end them.\n" * 3
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Trainer and SFTTrainer leave accelerate's process-wide state behind (SFTConfig turns bf16 on by default);
+    later in-process runs in this session must start from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny model trained for a few steps, named by transformers' data arguments, with a test split."""
@@ -188,7 +198,7 @@ def test_trl_sft_with_lora_reloads_with_auto_peft_model_without_the_package(pret
     data = Dataset.from_dict({"prompt": ["Q: to be?\nA:", "Q: or not?\nA:"] * 4, "completion": [" yes", " no"] * 4})
     config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4,
                        learning_rate=5e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-                       max_length=CONTEXT, dataloader_num_workers=0)
+                       max_length=CONTEXT, dataloader_num_workers=0, bf16=False)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["W_query", "W_value"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     trainer.train()
