@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check gpt2_scratch tests benchmarks training
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 demo: $(VENV)/.installed
 	$(PY) -m gpt2_scratch.demo

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+
+# Never reach for the Hub from tests (set before transformers and huggingface_hub read it at import).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,9 +21,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from gpt2_scratch import GPT2ScratchConfig
-
-# Never reach for the Hub from tests; keep transformers' module cache out of the user's home.
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 TEXT = (
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "
@@ -110,8 +112,16 @@ def write_json(path: Path, data: dict) -> None:
 
 ROOT = Path(__file__).resolve().parent.parent
 # On a machine without GPUs `--multi_gpu` starts the processes with torchrun; they train together over gloo.
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# A port of this test process's own: pytest-xdist's workers launch two-process runs at the same time.
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(free_port())]
 
 
 def run_training_script(script: str, args: list[str], launcher: list[str] | None = None, cache: Path | None = None,

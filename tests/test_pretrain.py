@@ -265,7 +265,9 @@ def test_schedule_on_clock_decays_to_the_end_of_the_budget(corpus, tmp_path):
     rates = [h["train/lr"] for h in json.loads((latest_checkpoint(tmp_path) / "progress.json").read_text())["history"]
              if "train/lr" in h]
     peak = max(rates)
-    assert peak == pytest.approx(3e-3) and rates[-1] < 0.02 * peak  # warmup_steps 2 from TINY, then the clock
+    # warmup_steps 2 from TINY, then the clock. The last step starts up to one step before the budget ends, so on a
+    # loaded machine (slow steps) its rate is a few % of the peak; a schedule cut early would be at 25-45%.
+    assert peak == pytest.approx(3e-3) and rates[-1] < 0.06 * peak
     after_peak = rates[rates.index(peak):]
     assert all(later <= earlier for earlier, later in zip(after_peak, after_peak[1:]))
     progress = json.loads((latest_checkpoint(tmp_path) / "progress.json").read_text())
