@@ -54,69 +54,96 @@ def matmul_flops(dtype: torch.dtype, size: int = 1024) -> float:
 
 
 def layout_table(repeats: int) -> None:
-    """Why the decode layout transposes: one step's matmuls (12 gpt2-small blocks and the tied head, 475 MiB in
-    fp32), streamed in nn.Linear's (out × in) layout through F.linear and in Conv1D's (in × out) through x @ W."""
+    """Why the decode layout prepacks: one step's matmuls (12 gpt2-small blocks and the tied head, 475 MiB in fp32)
+    through F.linear on nn.Linear's (out × in) weights, `x @ W` on (in × out) copies (transformers' Conv1D layout),
+    and oneDNN's linear on weights reordered for that many rows (DecodeMatmul in fp32); bf16 F.linear beside."""
     shapes = [(3 * 768, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
     weights = [torch.randn(out_features, in_features) * 0.02 for out_features, in_features in shapes]
     print("one decode step's matmuls, weights read from memory (ms per step, best of repeats)")
     for batch in (1, 8):
-        x = torch.randn(batch, 3072)
-        cells = []
-        for dtype in (torch.float32, torch.bfloat16):
-            out_in = [w.to(dtype) for w in weights]
-            in_out = [w.t().contiguous() for w in out_in]
-            xs = x.to(dtype)
-            linear = best_seconds(lambda xs=xs, ws=out_in: [F.linear(xs[:, :w.shape[1]], w) for w in ws], repeats)
-            matmul = best_seconds(lambda xs=xs, ws=in_out: [xs[:, :w.shape[0]] @ w for w in ws], repeats)
-            name = "fp32" if dtype == torch.float32 else "bf16"
-            cells.append(f"{name}: F.linear(x, W) {linear * 1e3:6.1f}, x @ W_t {matmul * 1e3:6.1f}")
+        cells = [f"{name} {seconds * 1e3:6.1f}" for name, seconds in step_matmul_seconds(weights, batch, repeats)]
         print(f"  batch {batch}:  " + ";  ".join(cells))
     print()
+
+
+def step_matmul_seconds(weights: list[torch.Tensor], batch: int, repeats: int) -> list[tuple[str, float]]:
+    xs = [torch.randn(batch, w.shape[1]) for w in weights]
+    in_out = [w.t().contiguous() for w in weights]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+    bf16 = [w.to(torch.bfloat16) for w in weights]
+    runs = {
+        "fp32 F.linear(x, W)": lambda: [F.linear(a, w) for a, w in zip(xs, weights)],
+        "fp32 x @ W_t": lambda: [a @ w for a, w in zip(xs, in_out)],
+        "fp32 oneDNN prepacked": lambda: [torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+                                          for a, w in zip(xs, packed)],
+        "bf16 F.linear(x, W)": lambda: [F.linear(a.to(torch.bfloat16), w) for a, w in zip(xs, bf16)],
+    }
+    return [(name, best_seconds(run, repeats)) for name, run in runs.items()]
+
+
+def layout_matmul_seconds(model: GPT2ScratchForCausalLM, batch: int, repeats: int) -> float:
+    """One decode step's matmuls through the model's decode layout alone, without the attention, norms and Python
+    around them: a floor under the step's time set by the matmul kernel."""
+    layout = model.decode_layout(batch)
+    matmuls = [matmul for _, *block_matmuls in layout.blocks for matmul in block_matmuls] + [layout.head]
+    inputs = [torch.randn(batch, 1, matmul.weight.shape[1]) for matmul in matmuls]
+    with torch.no_grad():
+        return best_seconds(lambda: [matmul(x) for matmul, x in zip(matmuls, inputs)], repeats)
+
+
+def vocabulary(vocab_size: int) -> list[str]:
+    """Token strings by id: t0, t1, ..., and GPT-2's end-of-text token last."""
+    return [f"t{i}" for i in range(vocab_size - 1)] + ["<|endoftext|>"]
 
 
 def word_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A tokenizer covering the vocabulary (CTranslate2 reads the vocabulary, and its bos/eos/unk tokens, which must
     all be set, from the folder): no GPT-2 tokenizer ships offline, and decode speed does not depend on the strings.
     Like GPT-2's, its one special token, the last id, is bos, eos and unk at once."""
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    last = f"t{vocab_size - 1}"
+    vocab = {token: i for i, token in enumerate(vocabulary(vocab_size))}
+    last = "<|endoftext|>"
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=last))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=last, bos_token=last, eos_token=last)
 
 
-class Bench:
-    def __init__(self, prompt_tokens: int, new_tokens: int, repeats: int) -> None:
-        self.prompt_tokens, self.new_tokens, self.repeats = prompt_tokens, new_tokens, repeats
-        self.tokens: dict[tuple[str, int], torch.Tensor] = {}
+Run = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids, new tokens) → prompt + generated ids
 
-    def generate(self, name: str, model: torch.nn.Module, prompt: torch.Tensor, **kwargs) -> float:
-        """Tokens/s of greedy generate(), after a short warm-up (allocator, kernel choice, compilation)."""
-        kwargs = dict(do_sample=False, pad_token_id=0, **kwargs)
-        n = self.new_tokens
+
+def generate_run(model: torch.nn.Module, **kwargs) -> Run:
+    """Greedy generate(). The model has no end-of-text token (see main), so every sequence runs the full length."""
+    def run(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kwargs)
-            seconds = best_seconds(
-                lambda: self.tokens.__setitem__(
-                    (name, prompt.shape[0]), model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
-                ),
-                self.repeats,
-            )
-        assert self.tokens[name, prompt.shape[0]].shape[1] == prompt.shape[1] + n
-        return prompt.shape[0] * n / seconds
+            return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    return run
 
-    def ctranslate2(self, name: str, generator, prompt: torch.Tensor) -> float:
-        start_tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
-        n = self.new_tokens
-        kwargs = dict(sampling_topk=1, include_prompt_in_result=False, max_batch_size=prompt.shape[0])
-        generator.generate_batch(start_tokens, max_length=4, min_length=4, **kwargs)
-        results = []
-        seconds = best_seconds(
-            lambda: results.append(generator.generate_batch(start_tokens, max_length=n, min_length=n, **kwargs)),
-            self.repeats,
-        )
-        ids = torch.tensor([r.sequences_ids[0] for r in results[-1]])
-        self.tokens[name, prompt.shape[0]] = torch.cat([prompt, ids], dim=1)
-        return prompt.shape[0] * n / seconds
+
+def ctranslate2_run(generator, vocab_size: int) -> Run:
+    """Greedy generate_batch() with no end token, so every sequence runs the full length."""
+    strings = vocabulary(vocab_size)
+
+    def run(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        start_tokens = [[strings[i] for i in row] for row in prompt.tolist()]
+        results = generator.generate_batch(start_tokens, max_length=new_tokens, sampling_topk=1, end_token=[],
+                                           include_prompt_in_result=False, max_batch_size=len(start_tokens))
+        return torch.cat([prompt, torch.tensor([r.sequences_ids[0] for r in results])], dim=1)
+    return run
+
+
+def tokens_per_second(runs: dict[str, Run], prompt: torch.Tensor, new_tokens: int, repeats: int
+                      ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Each runtime's best of `repeats` timed runs, after a short warm-up (allocator, kernel choice, compilation,
+    the decode layout). The runtimes take turns within each repeat, so a slower or busier stretch of the machine
+    falls on all of them rather than on whichever ran then."""
+    for run in runs.values():
+        run(prompt, 4)
+    best, tokens = dict.fromkeys(runs, float("inf")), {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            tokens[name] = run(prompt, new_tokens)
+            best[name] = min(best[name], time.perf_counter() - start)
+            assert tokens[name].shape == (prompt.shape[0], prompt.shape[1] + new_tokens), name
+    return {name: prompt.shape[0] * new_tokens / seconds for name, seconds in best.items()}, tokens
 
 
 def main() -> None:
@@ -152,49 +179,53 @@ def main() -> None:
           f"{flops[torch.bfloat16] / 1e9:.0f} GFLOP/s (bf16/fp32 {flops[torch.bfloat16] / flops[torch.float32]:.2f}x)")
     if args.layouts:
         layout_table(args.repeats)
-    layout = ours.decode_layout()
-    print(f"decode layout memory: fp32 {layout.nbytes() / 2**20:.0f} MiB, bf16 "
-          f"{ours_bf16.decode_layout().nbytes() / 2**20:.0f} MiB (beside {params * 4 / 2**20:.0f} MiB of fp32 "
+    memory = {(name, rows): model.decode_layout(rows).nbytes() / 2**20
+              for name, model in (("fp32", ours), ("bf16", ours_bf16)) for rows in (1, 8)}
+    sizes = ", ".join(f"{name} {memory[name, 1]:.0f} / {memory[name, 8]:.0f}" for name in ("fp32", "bf16"))
+    print(f"decode layout memory (MiB) for one row / several: {sizes} (beside {params * 4 / 2**20:.0f} MiB of fp32 "
           "weights; built by generate(), freed with fast_decoding=False)\n")
 
     generators = {} if args.no_ctranslate2 else ctranslate2_generators(ours, small.vocab_size, args.threads)
-    bench = Bench(args.prompt_tokens, args.new_tokens, args.repeats)
+    plain = copy.deepcopy(ours)
+    plain.fast_decoding = False  # the readable modules alone
+    for model in (ours, ours_bf16, plain, reference, reference_bf16):
+        model.generation_config.eos_token_id = None  # every sequence runs the full length, as with CTranslate2's
 
-    # (row, precision, what generates, generate() arguments); fast_decoding switches our decode layout on or off.
-    rows: list[tuple[str, str, object, dict]] = [
-        ("ours fp32 (readable modules only)", "fp32", ours, dict(fast_decoding=False)),
-        ("ours fp32 (decode layout)", "fp32", ours, dict(fast_decoding=True)),
-        ("ours bf16 (decode layout)", "bf16", ours_bf16, dict(fast_decoding=True)),
-        ("transformers fp32", "fp32", reference, {}),
-        ("transformers bf16", "bf16", reference_bf16, {}),
-    ]
+    # name → (precision, how it generates)
+    runs: dict[str, tuple[str, Run]] = {
+        "ours fp32 (readable modules only)": ("fp32", generate_run(plain)),
+        "ours fp32 (decode layout)": ("fp32", generate_run(ours)),
+        "ours bf16 (decode layout)": ("bf16", generate_run(ours_bf16)),
+        "transformers fp32": ("fp32", generate_run(reference)),
+        "transformers bf16": ("bf16", generate_run(reference_bf16)),
+    }
     if not args.no_compile:
-        # One static-cache size for the warm-up and the timed run: the compiled step is not recompiled between them.
+        # One static-cache size for the warm-up and the timed runs: the compiled step is not recompiled between them.
         static = dict(cache_implementation="static", compile_config=cpu_compile_config(),
                       max_cache_len=args.prompt_tokens + args.new_tokens)
-        rows += [
-            ("ours fp32 static + compile", "fp32", ours, dict(fast_decoding=True, **static)),
-            ("transformers fp32 static + compile", "fp32", reference, static),
-            ("transformers bf16 static + compile", "bf16", reference_bf16, static),
-        ]
-    rows += [(name, name.split()[-1], generator, {}) for name, generator in generators.items()]
+        runs |= {
+            "ours fp32 static + compile": ("fp32", generate_run(ours, **static)),
+            "transformers fp32 static + compile": ("fp32", generate_run(reference, **static)),
+            "transformers bf16 static + compile": ("bf16", generate_run(reference_bf16, **static)),
+        }
+    runs |= {name: (name.split()[-1], ctranslate2_run(generator, small.vocab_size))
+             for name, generator in generators.items()}
 
     for batch in map(int, args.batch_sizes.split(",")):
         prompt = torch.randint(0, small.vocab_size, (batch, args.prompt_tokens))
+        results, tokens = tokens_per_second({name: run for name, (_, run) in runs.items()}, prompt,
+                                            args.new_tokens, args.repeats)
         print(f"batch {batch}: tokens/s (all sequences), and each step's weight reads as % of the bandwidth ceiling")
-        results = {}
-        for name, dtype, runner, kwargs in rows:
-            if isinstance(runner, GPT2ScratchForCausalLM):
-                runner.fast_decoding = kwargs["fast_decoding"]
-                kwargs = {k: v for k, v in kwargs.items() if k != "fast_decoding"}
-            if isinstance(runner, torch.nn.Module):
-                results[name] = bench.generate(name, runner, prompt, **kwargs)
-            else:
-                results[name] = bench.ctranslate2(name, runner, prompt)
+        for name, (dtype, _) in runs.items():
             step_bytes = params * {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
             ceiling = results[name] / batch * step_bytes / bandwidth
             print(f"  {name:38s} {results[name]:8.1f} tok/s  {ceiling:6.1%} of the {dtype} ceiling", flush=True)
-        report_ratios(results, bench, batch)
+        report_ratios(results, tokens)
+        floor = layout_matmul_seconds(ours, batch, max(args.repeats, 3))
+        line = f"  ours fp32, the decode layout's matmuls alone: {floor * 1e3:.1f} ms a step"
+        if "CTranslate2 fp32" in results:
+            line += f" (CTranslate2 fp32's whole step: {batch / results['CTranslate2 fp32'] * 1e3:.1f} ms)"
+        print(line + "\n")
 
 
 def cpu_compile_config() -> CompileConfig:
@@ -224,7 +255,7 @@ def ctranslate2_generators(ours: GPT2ScratchForCausalLM, vocab_size: int, thread
     return generators
 
 
-def report_ratios(results: dict[str, float], bench: Bench, batch: int) -> None:
+def report_ratios(results: dict[str, float], tokens: dict[str, torch.Tensor]) -> None:
     ours = results["ours fp32 (decode layout)"]
     lines = [  # (label, numerator, denominator)
         ("ours fp32 / transformers fp32", ours, results["transformers fp32"]),
@@ -236,10 +267,10 @@ def report_ratios(results: dict[str, float], bench: Bench, batch: int) -> None:
     for label, a, b in lines:
         if b:
             print(f"  {label:46s} {a / b:5.2f}x")
-    plain = bench.tokens["ours fp32 (readable modules only)", batch]
-    same = [name for (name, size), tokens in bench.tokens.items()
-            if size == batch and "fp32" in name and "readable" not in name and torch.equal(tokens, plain)]
-    print(f"  fp32 greedy tokens identical to ours (readable modules): {', '.join(same) or 'none'}\n")
+    plain = tokens["ours fp32 (readable modules only)"]
+    same = [name for name, ids in tokens.items()
+            if "fp32" in name and "readable" not in name and torch.equal(ids, plain)]
+    print(f"  fp32 greedy tokens identical to ours (readable modules): {', '.join(same) or 'none'}")
 
 
 if __name__ == "__main__":

@@ -72,11 +72,8 @@ class FeedForward(nn.Module):
             nn.Linear(4 * config.emb_dim, config.emb_dim),
         )
         self.layers[2].writes_to_residual = True  # initialised smaller, see _init_weights
-        self.decode_weights: DecodeWeights | None = None  # set by DecodeLayout, only while generate() runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decode_weights is not None and not torch.is_grad_enabled():
-            return self.decode_weights.project(self.layers[1](self.decode_weights.project(x, 0)), 1)
         return self.layers(x)
 
 
@@ -116,12 +113,17 @@ class MultiHeadAttention(nn.Module):
         # trained (and, with persistent=False, never saved). One such mask per block costs n_layers·context_length²
         # bytes (12 × 10 GB at context 100,000), so the model now builds the (queries × keys) mask a call needs, once
         # per call for all blocks (see `causal_mask`), and none at all where the fused kernel masks by itself.
-        self.decode_weights: DecodeWeights | None = None  # set by DecodeLayout, only while generate() runs
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, emb_dim) → (batch, heads, tokens, head_dim): each head attends independently."""
         batch, num_tokens, _ = x.shape
         return x.view(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, context: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, tokens, head_dim) → (batch, tokens, emb_dim): the heads' outputs side by side."""
+        batch, _, num_tokens, _ = context.shape
+        # transpose() only changes strides; .contiguous() lays the heads side by side in memory so .view can merge them.
+        return context.transpose(1, 2).contiguous().view(batch, num_tokens, self.d_out)
 
     def eager_attention(
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
@@ -155,6 +157,16 @@ class MultiHeadAttention(nn.Module):
             queries, keys, values, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal
         )
 
+    def attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The context, and the attention weights when `output_attentions` (only the eager path has them)."""
+        if self.config._attn_implementation == "eager" or output_attentions:  # the fused kernel never forms weights
+            context, attn_weights = self.eager_attention(queries, keys, values, allowed)
+            return context, attn_weights if output_attentions else None
+        return self.sdpa_attention(queries, keys, values, allowed), None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -166,26 +178,13 @@ class MultiHeadAttention(nn.Module):
 
         `allowed`: the call's `causal_mask` (True where a query may look), or None for the plain causal pattern.
         """
-        batch, num_tokens, _ = x.shape
-        if self.decode_weights is not None and not torch.is_grad_enabled():  # one fused matmul, see DecodeLayout
-            queries, keys, values = map(self.split_heads, self.decode_weights.project(x, 0).chunk(3, dim=-1))
-        else:
-            queries = self.split_heads(self.W_query(x))
-            keys = self.split_heads(self.W_key(x))
-            values = self.split_heads(self.W_value(x))
+        queries = self.split_heads(self.W_query(x))
+        keys = self.split_heads(self.W_key(x))
+        values = self.split_heads(self.W_value(x))
         if cache is not None:  # append this step's keys/values and attend over everything seen so far
             keys, values = cache.update(keys, values, self.layer_idx)
-        attn_weights = None
-        if self.config._attn_implementation == "eager" or output_attentions:  # the fused kernel never forms weights
-            context, attn_weights = self.eager_attention(queries, keys, values, allowed)
-        else:
-            context = self.sdpa_attention(queries, keys, values, allowed)
-        # transpose() only changes strides; .contiguous() lays the heads side by side in memory so .view can merge them.
-        context = context.transpose(1, 2).contiguous().view(batch, num_tokens, self.d_out)
-        attn_weights = attn_weights if output_attentions else None
-        if self.decode_weights is not None and not torch.is_grad_enabled():
-            return self.decode_weights.project(context, 1), attn_weights
-        return self.out_proj(context), attn_weights
+        context, attn_weights = self.attend(queries, keys, values, allowed, output_attentions)
+        return self.out_proj(self.merge_heads(context)), attn_weights
 
 
 def new_token_slots(cache: Cache | None, num_new: int, device: torch.device) -> torch.Tensor:
@@ -225,55 +224,63 @@ class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class DecodeWeights:
-    """Weights of a few nn.Linear layers as `generate()` multiplies them: fused side by side, and for float32 laid out
-    (in × out), the layout transformers' Conv1D keeps, which MKL streams faster for a handful of rows than nn.Linear's
-    (out × in) (measured in docs/speed.md). bfloat16 keeps (out × in): there oneDNN's F.linear is the fast kernel."""
+class DecodeMatmul:
+    """One or more nn.Linear layers that read the same input, as a decode step multiplies them: side by side as one
+    wider matmul, and in float32 through oneDNN's linear (where PyTorch has oneDNN), which streams the weights
+    faster than F.linear's BLAS call for the few rows of a decode step: on the weights as they are for one row, on a
+    copy oneDNN reorders ("prepacks") for several. Measured on gpt2-small's step (docs/speed.md): ~0.5-0.8x the time
+    of F.linear at batch 1, ~0.45x at batch 8."""
 
-    def __init__(self, *groups: list[nn.Linear]) -> None:
-        self.weights, self.biases = [], []
-        for group in groups:  # layers in one group read the same input: one wider matmul instead of several
-            self.transposed = group[0].weight.dtype == torch.float32
-            weight = self.join([layer.weight for layer in group])
-            self.weights.append(weight.t().contiguous() if self.transposed else weight)
-            self.biases.append(None if group[0].bias is None else self.join([layer.bias for layer in group]))
-        sources = {p.data_ptr() for group in groups for layer in group for p in layer.parameters()}
-        held = [t for t in self.weights + self.biases if t is not None and t.data_ptr() not in sources]
-        self.copied_bytes = sum(t.numel() * t.element_size() for t in held)
+    def __init__(self, layers: list[nn.Linear], rows: int) -> None:
+        weight = self.fused([layer.weight for layer in layers])
+        self.bias = None if layers[0].bias is None else self.fused([layer.bias for layer in layers])
+        # oneDNN's linear for float32 always, for bfloat16 only prepacked for several rows and only on CPUs with
+        # bfloat16 instructions (F.linear's one-row bfloat16 kernel is the fast one, and the only one without them).
+        onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        fp32 = onednn and weight.dtype == torch.float32
+        bf16 = onednn and weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.prepacked = rows > 1 and (fp32 or bf16)
+        self.onednn = fp32 or self.prepacked
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.prepacked else weight
+        # Memory beyond the parameters themselves: a fused or prepacked weight is a copy, a fused bias too.
+        copies = ([weight] if len(layers) > 1 or self.prepacked else []) + ([self.bias] if len(layers) > 1 else [])
+        self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @staticmethod
-    def join(tensors: list[torch.Tensor]) -> torch.Tensor:
-        """One tensor: the parameter itself where there is only one (no copy), else them stacked along dim 0."""
+    def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The parameter itself where there is one (no copy), else the parameters stacked along dim 0."""
         return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
 
-    def project(self, x: torch.Tensor, group: int) -> torch.Tensor:
-        weight, bias = self.weights[group], self.biases[group]
-        if not self.transposed:
-            return F.linear(x, weight, bias)
-        rows = x.reshape(-1, x.shape[-1])
-        out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
-        return out.view(*x.shape[:-1], weight.shape[1])
-
-    def nbytes(self) -> int:
-        """Memory held beyond the parameters themselves."""
-        return self.copied_bytes
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class DecodeLayout:
-    """DecodeWeights for every block and the head of a causal LM, with the version of every parameter they copy.
+    """The matmul weights of a causal LM as generate() multiplies them (a `DecodeMatmul` each: query/key/value fused,
+    through oneDNN in float32, prepacked for steps of several rows), and the blocks run as one loop over them.
 
-    `current()` compares each parameter's identity, storage and in-place version counter (which optimizer steps,
-    `load_state_dict` and `.to()` all change) with those it was built from; a stale layout is rebuilt, never used.
+    Derived from the nn.Linear modules, which stay the source of truth for training, PEFT and saving: nothing here is a
+    parameter or a buffer, so nothing is saved. `current()` compares each parameter's identity, storage, dtype, device
+    and in-place version counter (which optimizer steps, `load_state_dict` and `.to()` all change) with those it was
+    built from; a stale layout is rebuilt, never used.
     """
 
-    def __init__(self, model: GPT2ScratchForCausalLM) -> None:
+    def __init__(self, model: GPT2ScratchForCausalLM, rows: int) -> None:
         self.sources = self.fingerprint(model)
-        self.parts: dict[nn.Module, DecodeWeights] = {}
+        # oneDNN reads one row's weights as they are (a matrix-vector product) and prepacks for several rows.
+        self.rows = self.packing_rows(rows)
+        self.blocks = []
         for block in model.transformer.trf_blocks:
             att, ff = block.att, block.ff
-            self.parts[att] = DecodeWeights([att.W_query, att.W_key, att.W_value], [att.out_proj])
-            self.parts[ff] = DecodeWeights([ff.layers[0]], [ff.layers[2]])
-        self.parts[model] = DecodeWeights([model.out_head])
+            matmuls = ([att.W_query, att.W_key, att.W_value], [att.out_proj], [ff.layers[0]], [ff.layers[2]])
+            self.blocks.append((block, *(DecodeMatmul(layers, self.rows) for layers in matmuls)))
+        self.head = DecodeMatmul([model.out_head], self.rows)
+
+    @staticmethod
+    def packing_rows(rows: int) -> int:
+        return 1 if rows == 1 else 8
 
     @staticmethod
     def fingerprint(model: GPT2ScratchForCausalLM) -> list[tuple]:
@@ -288,15 +295,27 @@ class DecodeLayout:
             layers += [att.W_query, att.W_key, att.W_value, att.out_proj, block.ff.layers[0], block.ff.layers[2]]
         return model.device.type == "cpu" and all(type(layer) is nn.Linear for layer in layers)
 
-    def current(self, model: GPT2ScratchForCausalLM) -> bool:
-        return self.fingerprint(model) == self.sources
+    def fits(self, model: GPT2ScratchForCausalLM, rows: int) -> bool:
+        return self.packing_rows(rows) == self.rows and self.fingerprint(model) == self.sources
 
     def nbytes(self) -> int:
-        return sum(part.nbytes() for part in self.parts.values())
+        """Memory held beyond the parameters themselves."""
+        matmuls = [matmul for _, *block_matmuls in self.blocks for matmul in block_matmuls] + [self.head]
+        return sum(matmul.nbytes for matmul in matmuls)
 
-    def install(self, enabled: bool) -> None:
-        for module, part in self.parts.items():
-            module.decode_weights = part if enabled else None
+    def run_blocks(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
+        """TransformerBlock.forward for every block in turn, through the decode matmuls: the same operations in the
+        same order (tests hold the tokens identical), without the module calls, which cost more than the arithmetic
+        besides the matmuls when only one token per sequence is new."""
+        for block, qkv, out_proj, widen, narrow in self.blocks:
+            att = block.att
+            queries, keys, values = map(att.split_heads, qkv(block.norm1(x)).chunk(3, dim=-1))
+            if cache is not None:
+                keys, values = cache.update(keys, values, att.layer_idx)
+            context, _ = att.attend(queries, keys, values, allowed)
+            x = x + out_proj(att.merge_heads(context))
+            x = x + narrow(block.ff.layers[1](widen(block.norm2(x))))
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -581,8 +600,10 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        decode_layout: DecodeLayout | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
+        """`decode_layout`: run the blocks through these decode matmuls (see DecodeLayout); generate() passes it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -629,12 +650,15 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         x = self.drop_emb(x + self.pos_emb(position_ids))
         all_hidden_states = [] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        for block in self.trf_blocks:
-            if all_hidden_states is not None:
-                all_hidden_states.append(x)
-            x, attn_weights = block(x, allowed, cache, output_attentions)
-            if all_attentions is not None:
-                all_attentions.append(attn_weights)
+        if decode_layout is not None and not (output_attentions or output_hidden_states):
+            x = decode_layout.run_blocks(x, allowed, cache)  # the same blocks, through the decode matmuls
+        else:
+            for block in self.trf_blocks:
+                if all_hidden_states is not None:
+                    all_hidden_states.append(x)
+                x, attn_weights = block(x, allowed, cache, output_attentions)
+                if all_attentions is not None:
+                    all_attentions.append(attn_weights)
         x = self.final_norm(x)
         if all_hidden_states is not None:
             all_hidden_states.append(x)
@@ -659,8 +683,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         self.transformer = GPT2ScratchModel(config)
         # Tied to tok_emb (see _tied_weights_keys): reading and writing a token share one vector (vocab·emb_dim fewer).
         self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
-        self.decode_weights: DecodeWeights | None = None  # set by DecodeLayout, only while generate() runs
         self._decode_layout: DecodeLayout | None = None
+        self._step_layouts: dict[int, DecodeLayout | None] | None = None  # rows → layout, within one generate() call
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -672,26 +696,30 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     # generate() multiplies by a DecodeLayout (a copy of every matmul weight); False saves that memory.
     fast_decoding = True
 
-    def decode_layout(self) -> DecodeLayout | None:
-        """The decode copies of the weights, built (or rebuilt, when stale) now; None where they do not apply."""
+    def decode_layout(self, rows: int = 1) -> DecodeLayout | None:
+        """The decode copies of the weights for steps of `rows` sequences, built (or rebuilt, when stale or packed for
+        another row count) now; None where they do not apply. generate() calls it with its batch size."""
         if not (self.fast_decoding and DecodeLayout.applies_to(self)):
             self._decode_layout = None
             return None
-        if self._decode_layout is None or not self._decode_layout.current(self):
+        if self._decode_layout is None or not self._decode_layout.fits(self, rows):
             self._decode_layout = None  # free the stale copy before building the new one
-            self._decode_layout = DecodeLayout(self)
+            self._decode_layout = DecodeLayout(self, rows)
         return self._decode_layout
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle leave the decode layout behind: it is rebuilt on demand, and oneDNN's packed
+        # tensors have no storage to copy.
+        return {**super().__getstate__(), "_decode_layout": None}
+
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, with the matmuls of every step going through `decode_layout()`."""
-        layout = self.decode_layout()
-        if layout is None:
-            return super().generate(*args, **kwargs)
-        layout.install(True)
+        """`GenerationMixin.generate`, with every forward it makes going through `decode_layout()`, which checks that
+        the layout is current once per call (checking every parameter at every step would cost ~1 ms a token)."""
+        self._step_layouts = {}
         try:
             return super().generate(*args, **kwargs)
         finally:
-            layout.install(False)
+            self._step_layouts = None
 
     def create_masks_for_generate(
         self, config: GPT2ScratchConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -720,6 +748,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         `logits_to_keep=k` computes logits for the last k positions only (generation needs just the last one);
         `num_items_in_batch` makes the loss a sum divided by that count, so gradient accumulation averages correctly.
         """
+        layout, layouts = None, self._step_layouts
+        if layouts is not None and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            # (a compiled step keeps the modules: inductor takes oneDNN's packed weights only as constants)
+            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if rows not in layouts:
+                layouts[rows] = self.decode_layout(rows)
+            layout = layouts[rows]
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,
@@ -727,15 +762,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            decode_layout=layout,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        if self.decode_weights is not None and not torch.is_grad_enabled():
-            logits = self.decode_weights.project(hidden_states, 0)
-        else:
-            logits = self.out_head(hidden_states)
+        logits = self.out_head(hidden_states) if layout is None else layout.head(hidden_states)
 
         loss = None
         if labels is not None:

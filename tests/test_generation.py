@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import sys
 
@@ -128,24 +130,51 @@ def test_masks_are_built_per_call_not_stored_per_block():
     assert model.transformer.mask_for(None, None, torch.arange(9)).shape == (1, 1, 9, 9)  # queries × keys, once
 
 
-def generate_both_ways(model: GPT2ScratchForCausalLM, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same generate() call through the decode layout and through the readable modules alone."""
+def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same generate() call through the decode layout (first: a stale one must be rebuilt by generate() itself)
+    and through the readable modules alone; the layout generate() used stays on the model."""
     ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, **kwargs)
-    model.fast_decoding = False  # also drops a layout built before
-    plain = model.generate(ids, **kwargs)
-    model.fast_decoding = True
-    fast = model.generate(ids, **kwargs)
+    kwargs = dict(attention_mask=mask[:rows], max_new_tokens=12, do_sample=False, pad_token_id=0, **kwargs)
+    fast = model.generate(ids[:rows], **kwargs)
+    layout = model._decode_layout
+    model.fast_decoding = False  # also drops the layout
+    plain = model.generate(ids[:rows], **kwargs)
+    assert model._decode_layout is None
+    model.fast_decoding, model._decode_layout = True, layout
     return fast, plain
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_decode_layout_generates_the_plain_tokens(qkv_bias):
+def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows):
     model = tiny_model(qkv_bias=qkv_bias)
-    fast, plain = generate_both_ways(model)
+    fast, plain = generate_both_ways(model, rows)
     assert torch.equal(fast, plain)
-    assert model.decode_layout() is model._decode_layout  # built by generate, reused while current
-    assert all(module.decode_weights is None for module in model.modules() if hasattr(module, "decode_weights"))
+    built = model._decode_layout  # built by generate() for its batch: one row, or several
+    assert built is not None and built.rows == (1 if rows == 1 else 8)
+    # fp32 matmuls go through oneDNN wherever PyTorch has it (x86 and ARM builds), prepacked for several rows
+    assert all(m.onednn == torch.backends.mkldnn.is_available() and m.prepacked == (m.onednn and rows > 1)
+               for _, *ms in built.blocks for m in ms)
+    assert model.decode_layout(rows) is built  # reused while current
+    with torch.no_grad():  # outside generate() every forward runs the readable modules
+        logits = model(fast).logits
+    model.fast_decoding = False
+    with torch.no_grad():
+        assert torch.equal(logits, model(fast).logits)
+
+
+def test_decode_layout_in_bfloat16_gives_the_plain_logits():
+    """bf16: fused query/key/value everywhere, and oneDNN's prepacked bf16 linear where the CPU has bf16 instructions
+    (which may sum in another order: the logits agree to bf16's precision, not bit for bit)."""
+    model = tiny_model().to(torch.bfloat16)
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    fast = model.generate(ids, **kwargs).logits[0]
+    assert model._decode_layout is not None
+    model.fast_decoding = False
+    plain = model.generate(ids, **kwargs).logits[0]
+    torch.testing.assert_close(fast, plain, atol=0.05, rtol=0.02)
 
 
 def test_decode_layout_is_never_saved_and_follows_every_weight_change(tmp_path):
@@ -156,6 +185,9 @@ def test_decode_layout_is_never_saved_and_follows_every_weight_change(tmp_path):
     assert set(model.state_dict()) == keys  # nothing derived joins the weights
     model.save_pretrained(tmp_path)
     assert set(GPT2ScratchForCausalLM.from_pretrained(tmp_path).state_dict()) == keys
+    twin = copy.deepcopy(model)  # oneDNN's packed weights have no storage to copy: copies leave the layout behind
+    assert twin._decode_layout is None and pickle.loads(pickle.dumps(model))._decode_layout is None
+    assert torch.equal(twin.generate(before[:, :7], max_new_tokens=12, do_sample=False, pad_token_id=0), before)
 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -163,17 +195,19 @@ def test_decode_layout_is_never_saved_and_follows_every_weight_change(tmp_path):
     model(ids, labels=ids).loss.backward()
     optimizer.step()  # in place: every parameter's version counter moves
     model.eval()
-    assert not built.current(model)
-    rebuilt = model.decode_layout()
-    assert rebuilt is not built and rebuilt.current(model)
+    assert not built.fits(model, 3) and model._decode_layout is built
     after, plain = generate_both_ways(model)
     assert torch.equal(after, plain) and not torch.equal(after, before)
+    rebuilt = model._decode_layout
+    assert rebuilt is not built and rebuilt.fits(model, 3)
 
     with torch.no_grad():
-        model.transformer.trf_blocks[1].ff.layers[2].bias.add_(5.0)  # one tensor, edited by hand
-    assert not model._decode_layout.current(model)
+        bias = model.transformer.trf_blocks[1].ff.layers[2].bias  # one tensor, edited by hand
+        bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(3)) * 5)
+    assert not rebuilt.fits(model, 3)
     edited, plain = generate_both_ways(model)
-    assert torch.equal(edited, plain)
+    assert torch.equal(edited, plain) and not torch.equal(edited, after)
+    assert model._decode_layout is not rebuilt
 
 
 def test_decode_layout_steps_aside_for_peft_and_gradients():
