@@ -54,28 +54,45 @@ def matmul_flops(dtype: torch.dtype, size: int = 1024) -> float:
 
 
 def layout_table(repeats: int) -> None:
-    """Why the decode layout prepacks: one step's matmuls (12 gpt2-small blocks and the tied head, 475 MiB in fp32)
-    through F.linear on nn.Linear's (out × in) weights, `x @ W` on (in × out) copies (transformers' Conv1D layout),
-    and oneDNN's linear on weights reordered for that many rows (DecodeMatmul in fp32); bf16 F.linear beside."""
+    """Why the decode layout uses oneDNN, and where its kernel stops: one step's matmuls (12 gpt2-small blocks and
+    the tied head, 475 MiB in fp32) through F.linear on nn.Linear's (out × in) weights, `x @ W` on (in × out) copies
+    (transformers' Conv1D layout), and oneDNN's linear (the weights as they are for one row, prepacked for 8); bf16
+    F.linear beside. Then, per weight shape, the GB/s each one-row product streams against a plain read of the same
+    weights (`sum()`): oneDNN's linear and inductor's code for the same product written as a reduction."""
     shapes = [(3 * 768, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
     weights = [torch.randn(out_features, in_features) * 0.02 for out_features, in_features in shapes]
     print("one decode step's matmuls, weights read from memory (ms per step, best of repeats)")
     for batch in (1, 8):
         cells = [f"{name} {seconds * 1e3:6.1f}" for name, seconds in step_matmul_seconds(weights, batch, repeats)]
         print(f"  batch {batch}:  " + ";  ".join(cells))
+    print("one row, GB/s per weight shape (all 12 layers' weights of that shape, or the head)")
+    reduction = torch.compile(lambda x, weight: (weight * x).sum(1), dynamic=False)
+    for shape in dict.fromkeys(shapes):
+        group = [w for w in weights if w.shape == shape]
+        x = torch.randn(1, shape[1])
+        reduction(x, group[0])
+        runs = {
+            "oneDNN linear": lambda g=group, x=x: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                                                   for w in g],
+            "compiled reduction": lambda g=group, x=x: [reduction(x, w) for w in g],
+            "sum() (a plain read)": lambda g=group: [w.sum() for w in g],
+        }
+        gigabytes = sum(w.numel() * 4 for w in group) / 1e9
+        cells = [f"{name} {gigabytes / best_seconds(run, repeats):5.1f}" for name, run in runs.items()]
+        print(f"  {shape[0]:>5} x {shape[1]:<4} ({gigabytes * 1e3:3.0f} MB):  " + ";  ".join(cells))
     print()
 
 
 def step_matmul_seconds(weights: list[torch.Tensor], batch: int, repeats: int) -> list[tuple[str, float]]:
     xs = [torch.randn(batch, w.shape[1]) for w in weights]
     in_out = [w.t().contiguous() for w in weights]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, batch) if batch > 1 else w for w in weights]
     bf16 = [w.to(torch.bfloat16) for w in weights]
     runs = {
         "fp32 F.linear(x, W)": lambda: [F.linear(a, w) for a, w in zip(xs, weights)],
         "fp32 x @ W_t": lambda: [a @ w for a, w in zip(xs, in_out)],
-        "fp32 oneDNN prepacked": lambda: [torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-                                          for a, w in zip(xs, packed)],
+        "fp32 oneDNN linear": lambda: [torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+                                       for a, w in zip(xs, onednn)],
         "bf16 F.linear(x, W)": lambda: [F.linear(a.to(torch.bfloat16), w) for a, w in zip(xs, bf16)],
     }
     return [(name, best_seconds(run, repeats)) for name, run in runs.items()]
@@ -156,6 +173,8 @@ def main() -> None:
     parser.add_argument("--no_compile", action="store_true", help="skip the static cache + torch.compile rows")
     parser.add_argument("--no_ctranslate2", action="store_true")
     parser.add_argument("--layouts", action="store_true", help="first compare matmul weight layouts")
+    parser.add_argument("--skip", default="", help="comma-separated parts of row names to leave out, e.g. "
+                        "'transformers bf16' (~4 tok/s at batch 8 on a CPU without bf16 instructions)")
     args = parser.parse_args()
     for name in ("new_tokens", "prompt_tokens", "repeats", "threads"):
         if getattr(args, name) < 1:
@@ -211,6 +230,8 @@ def main() -> None:
     runs |= {name: (name.split()[-1], ctranslate2_run(generator, small.vocab_size))
              for name, generator in generators.items()}
 
+    skipped = [part for part in args.skip.split(",") if part]
+    runs = {name: run for name, run in runs.items() if not any(part in name for part in skipped)}
     for batch in map(int, args.batch_sizes.split(",")):
         prompt = torch.randint(0, small.vocab_size, (batch, args.prompt_tokens))
         results, tokens = tokens_per_second({name: run for name, (_, run) in runs.items()}, prompt,
@@ -256,21 +277,23 @@ def ctranslate2_generators(ours: GPT2ScratchForCausalLM, vocab_size: int, thread
 
 
 def report_ratios(results: dict[str, float], tokens: dict[str, torch.Tensor]) -> None:
-    ours = results["ours fp32 (decode layout)"]
+    """The ratios the targets are about, for the rows that ran (see --skip)."""
+    ours = results.get("ours fp32 (decode layout)")
     lines = [  # (label, numerator, denominator)
-        ("ours fp32 / transformers fp32", ours, results["transformers fp32"]),
+        ("ours fp32 / transformers fp32", ours, results.get("transformers fp32")),
         ("ours fp32 / CTranslate2 fp32 (target >= 1.0)", ours, results.get("CTranslate2 fp32")),
-        ("ours bf16 / ours fp32 (target >= 1.5)", results["ours bf16 (decode layout)"], ours),
-        ("decode layout / readable modules (fp32)", ours, results["ours fp32 (readable modules only)"]),
+        ("ours bf16 / ours fp32 (target >= 1.5)", results.get("ours bf16 (decode layout)"), ours),
+        ("decode layout / readable modules (fp32)", ours, results.get("ours fp32 (readable modules only)")),
         ("ours fp32 / CTranslate2 int8", ours, results.get("CTranslate2 int8")),
     ]
     for label, a, b in lines:
-        if b:
+        if a and b:
             print(f"  {label:46s} {a / b:5.2f}x")
-    plain = tokens["ours fp32 (readable modules only)"]
-    same = [name for name, ids in tokens.items()
-            if "fp32" in name and "readable" not in name and torch.equal(ids, plain)]
-    print(f"  fp32 greedy tokens identical to ours (readable modules): {', '.join(same) or 'none'}")
+    plain = tokens.get("ours fp32 (readable modules only)")
+    if plain is not None:
+        same = [name for name, ids in tokens.items()
+                if "fp32" in name and "readable" not in name and torch.equal(ids, plain)]
+        print(f"  fp32 greedy tokens identical to ours (readable modules): {', '.join(same) or 'none'}")
 
 
 if __name__ == "__main__":
