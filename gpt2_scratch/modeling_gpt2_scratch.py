@@ -228,8 +228,8 @@ class DecodeMatmul:
     """One or more nn.Linear layers that read the same input, as a decode step multiplies them: side by side as one
     wider matmul, and in float32 through oneDNN's linear (where PyTorch has oneDNN), which streams the weights
     faster than F.linear's BLAS call for the few rows of a decode step: on the weights as they are for one row, on a
-    copy oneDNN reorders ("prepacks") for several. Measured on gpt2-small's step (docs/speed.md): ~0.5-0.8x the time
-    of F.linear at batch 1, ~0.45x at batch 8."""
+    copy oneDNN reorders ("prepacks") for several. Measured on gpt2-small's step (docs/speed.md): ~0.7x the time of
+    F.linear at batch 1, ~0.4x at batch 8."""
 
     def __init__(self, layers: list[nn.Linear], rows: int) -> None:
         weight = self.fused([layer.weight for layer in layers])
@@ -262,9 +262,9 @@ class DecodeLayout:
     through oneDNN in float32, prepacked for steps of several rows), and the blocks run as one loop over them.
 
     Derived from the nn.Linear modules, which stay the source of truth for training, PEFT and saving: nothing here is a
-    parameter or a buffer, so nothing is saved. `current()` compares each parameter's identity, storage, dtype, device
-    and in-place version counter (which optimizer steps, `load_state_dict` and `.to()` all change) with those it was
-    built from; a stale layout is rebuilt, never used.
+    parameter or a buffer, so nothing is saved. `fits()` compares each parameter's identity, storage, dtype, device and
+    in-place version counter (which optimizer steps, `load_state_dict` and `.to()` all change) with those it was built
+    from; a stale layout is rebuilt, never used.
     """
 
     def __init__(self, model: GPT2ScratchForCausalLM, rows: int) -> None:
@@ -708,9 +708,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         return self._decode_layout
 
     def __getstate__(self) -> dict:
-        # copy.deepcopy and pickle leave the decode layout behind: it is rebuilt on demand, and oneDNN's packed
+        # copy.deepcopy and pickle leave the decode layouts behind: they are rebuilt on demand, and oneDNN's packed
         # tensors have no storage to copy.
-        return {**super().__getstate__(), "_decode_layout": None}
+        return {**super().__getstate__(), "_decode_layout": None, "_step_layouts": None}
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with every forward it makes going through `decode_layout()`, which checks that
