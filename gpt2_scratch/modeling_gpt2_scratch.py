@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -226,24 +226,31 @@ class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds 
 
 class DecodeMatmul:
     """One or more nn.Linear layers that read the same input, as a decode step multiplies them: side by side as one
-    wider matmul, and in float32 through oneDNN's linear (where PyTorch has oneDNN), which streams the weights
-    faster than F.linear's BLAS call for the few rows of a decode step: on the weights as they are for one row, on a
-    copy oneDNN reorders ("prepacks") for several. Measured on gpt2-small's step (docs/speed.md): ~0.7x the time of
-    F.linear at batch 1, ~0.4x at batch 8."""
+    wider matmul, and in float32 through oneDNN's linear (where PyTorch has oneDNN), which streams the weights faster
+    than F.linear's BLAS call for the few rows of a decode step. `kind` says how (see `DecodeLayout.kind_for`):
 
-    def __init__(self, layers: list[nn.Linear], rows: int) -> None:
+    - "vector": one row times the weights as they are (oneDNN's preferred layout for a matrix-vector product);
+    - "prepacked": a few rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows;
+    - "swapped": many rows, with the weights as the operand oneDNN streams, (out × in) · (in × rows), transposed back;
+    - "linear": F.linear, for bfloat16 (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on CPUs
+      without bf16 instructions; with them, several rows are prepacked).
+    """
+
+    def __init__(self, layers: list[nn.Linear], kind: str) -> None:
         weight = self.fused([layer.weight for layer in layers])
         self.bias = None if layers[0].bias is None else self.fused([layer.bias for layer in layers])
-        # oneDNN's linear for float32 always, for bfloat16 only prepacked for several rows and only on CPUs with
-        # bfloat16 instructions (F.linear's one-row bfloat16 kernel is the fast one, and the only one without them).
         onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        fp32 = onednn and weight.dtype == torch.float32
-        bf16 = onednn and weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        self.prepacked = rows > 1 and (fp32 or bf16)
-        self.onednn = fp32 or self.prepacked
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.prepacked else weight
+        bf16_onednn = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if onednn and weight.dtype == torch.float32:
+            self.kind = kind
+        elif bf16_onednn and weight.dtype == torch.bfloat16 and kind != "vector":
+            self.kind = "prepacked"
+        else:
+            self.kind = "linear"
+        prepacked = self.kind == "prepacked"
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if prepacked else weight
         # Memory beyond the parameters themselves: a fused or prepacked weight is a copy, a fused bias too.
-        copies = ([weight] if len(layers) > 1 or self.prepacked else []) + ([self.bias] if len(layers) > 1 else [])
+        copies = ([weight] if len(layers) > 1 or prepacked else []) + ([self.bias] if len(layers) > 1 else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @staticmethod
@@ -252,14 +259,58 @@ class DecodeMatmul:
         return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.onednn:
+        if self.kind == "linear":
+            return F.linear(x, self.weight, self.bias)
+        if self.kind != "swapped":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(self.weight, rows, None, "none", [], "").t().contiguous()
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into buffers with room for `room` more tokens, so a decode step
+    writes its one token in place instead of concatenating the whole history into new memory (which cost ~15% of a
+    batch-8 step, docs/speed.md). Anything that replaces `keys` (beam search's reordering, crop, batch selection) is
+    copied into fresh buffers at the next update; nothing already returned is ever written to."""
+
+    room = 128  # tokens of spare capacity per (re)allocation: one copy of the history every 128 steps
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        new_length = length + key_states.shape[-2]
+        storage = getattr(self, "storage", None)
+        if storage is None or self.keys is not self.views[0] or new_length > storage[0].shape[-2]:
+            storage = tuple(new.new_empty((*new.shape[:-2], new_length + self.room, new.shape[-1]))
+                            for new in (key_states, value_states))
+            if length:
+                storage[0][..., :length, :] = self.keys
+                storage[1][..., :length, :] = self.values
+            self.storage = storage
+        storage[0][..., length:new_length, :] = key_states
+        storage[1][..., length:new_length, :] = value_states
+        self.keys, self.values = storage[0][..., :new_length, :], storage[1][..., :new_length, :]
+        self.views = (self.keys, self.values)  # what we handed out: anything else in self.keys came from elsewhere
+        return self.keys, self.values
+
+    @classmethod
+    def grow_in_place(cls, cache: Cache) -> None:
+        """Turn a cache's plain DynamicLayers (and those it will add) into GrowingLayers, keeping what they hold."""
+        if cache.layer_class_to_replicate is DynamicLayer:
+            cache.layer_class_to_replicate = cls
+        for i, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer:
+                cache.layers[i] = cls()
+                cache.layers[i].__dict__.update(layer.__dict__)
 
 
 class DecodeLayout:
     """The matmul weights of a causal LM as generate() multiplies them (a `DecodeMatmul` each: query/key/value fused,
-    through oneDNN in float32, prepacked for steps of several rows), and the blocks run as one loop over them.
+    through oneDNN in float32, laid out for the step's row count), and the blocks run as one loop over them.
 
     Derived from the nn.Linear modules, which stay the source of truth for training, PEFT and saving: nothing here is a
     parameter or a buffer, so nothing is saved. `fits()` compares each parameter's identity, storage, dtype, device and
@@ -269,18 +320,19 @@ class DecodeLayout:
 
     def __init__(self, model: GPT2ScratchForCausalLM, rows: int) -> None:
         self.sources = self.fingerprint(model)
-        # oneDNN reads one row's weights as they are (a matrix-vector product) and prepacks for several rows.
-        self.rows = self.packing_rows(rows)
+        self.kind = self.kind_for(rows)
         self.blocks = []
         for block in model.transformer.trf_blocks:
             att, ff = block.att, block.ff
             matmuls = ([att.W_query, att.W_key, att.W_value], [att.out_proj], [ff.layers[0]], [ff.layers[2]])
-            self.blocks.append((block, *(DecodeMatmul(layers, self.rows) for layers in matmuls)))
-        self.head = DecodeMatmul([model.out_head], self.rows)
+            self.blocks.append((block, *(DecodeMatmul(layers, self.kind) for layers in matmuls)))
+        self.head = DecodeMatmul([model.out_head], self.kind)
 
     @staticmethod
-    def packing_rows(rows: int) -> int:
-        return 1 if rows == 1 else 8
+    def kind_for(rows: int) -> str:
+        """The fastest of oneDNN's ways to multiply a step of `rows` rows on gpt2-small's weights, measured on an
+        AVX2 EPYC (docs/speed.md): the weights as they are for one row, prepacked for 2-4, swapped from 5."""
+        return "vector" if rows == 1 else "prepacked" if rows < 5 else "swapped"
 
     @staticmethod
     def fingerprint(model: GPT2ScratchForCausalLM) -> list[tuple]:
@@ -296,7 +348,7 @@ class DecodeLayout:
         return model.device.type == "cpu" and all(type(layer) is nn.Linear for layer in layers)
 
     def fits(self, model: GPT2ScratchForCausalLM, rows: int) -> bool:
-        return self.packing_rows(rows) == self.rows and self.fingerprint(model) == self.sources
+        return self.kind_for(rows) == self.kind and self.fingerprint(model) == self.sources
 
     def nbytes(self) -> int:
         """Memory held beyond the parameters themselves."""
@@ -306,7 +358,10 @@ class DecodeLayout:
     def run_blocks(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         """TransformerBlock.forward for every block in turn, through the decode matmuls: the same operations in the
         same order (tests hold the tokens identical), without the module calls, which cost more than the arithmetic
-        besides the matmuls when only one token per sequence is new."""
+        besides the matmuls when only one token per sequence is new; keys and values are appended in place
+        (`GrowingLayer`)."""
+        if cache is not None:
+            GrowingLayer.grow_in_place(cache)
         for block, qkv, out_proj, widen, narrow in self.blocks:
             att = block.att
             queries, keys, values = map(att.split_heads, qkv(block.norm1(x)).chunk(3, dim=-1))
@@ -693,11 +748,12 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.out_head = new_embeddings
 
-    # generate() multiplies by a DecodeLayout (a copy of every matmul weight); False saves that memory.
+    # generate() multiplies by a DecodeLayout (fused query/key/value copies, and for 2-4 rows prepacked copies of every
+    # matmul weight); False saves that memory.
     fast_decoding = True
 
     def decode_layout(self, rows: int = 1) -> DecodeLayout | None:
-        """The decode copies of the weights for steps of `rows` sequences, built (or rebuilt, when stale or packed for
+        """The decode copies of the weights for steps of `rows` sequences, built (or rebuilt, when stale or laid out for
         another row count) now; None where they do not apply. generate() calls it with its batch size."""
         if not (self.fast_decoding and DecodeLayout.applies_to(self)):
             self._decode_layout = None

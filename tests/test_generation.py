@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, tiny_config
-from transformers import CompileConfig, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchForCausalLM
-from gpt2_scratch.modeling_gpt2_scratch import causal_mask
+from gpt2_scratch.modeling_gpt2_scratch import GrowingLayer, causal_mask
 
 
 def tiny_model(impl: str = "sdpa", **overrides) -> GPT2ScratchForCausalLM:
@@ -23,9 +24,9 @@ def tiny_model(impl: str = "sdpa", **overrides) -> GPT2ScratchForCausalLM:
     return model
 
 
-def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded_batch(rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
-    ids = torch.randint(1, 320, (3, 7))
+    ids = torch.randint(1, 320, (rows, 7))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     mask[2, :4] = 0
@@ -133,7 +134,7 @@ def test_masks_are_built_per_call_not_stored_per_block():
 def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The same generate() call through the decode layout (first: a stale one must be rebuilt by generate() itself)
     and through the readable modules alone; the layout generate() used stays on the model."""
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded_batch(max(rows, 3))
     kwargs = dict(attention_mask=mask[:rows], max_new_tokens=12, do_sample=False, pad_token_id=0, **kwargs)
     fast = model.generate(ids[:rows], **kwargs)
     layout = model._decode_layout
@@ -144,17 +145,21 @@ def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -
     return fast, plain
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("rows", "kind"), [(1, "vector"), (3, "prepacked"), (6, "swapped")])
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows):
+def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind):
     model = tiny_model(qkv_bias=qkv_bias)
+    with torch.no_grad():  # biases start at zero, which would hide one left out
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     fast, plain = generate_both_ways(model, rows)
     assert torch.equal(fast, plain)
-    built = model._decode_layout  # built by generate() for its batch: one row, or several
-    assert built is not None and built.rows == (1 if rows == 1 else 8)
-    # fp32 matmuls go through oneDNN wherever PyTorch has it (x86 and ARM builds), prepacked for several rows
-    assert all(m.onednn == torch.backends.mkldnn.is_available() and m.prepacked == (m.onednn and rows > 1)
-               for _, *ms in built.blocks for m in ms)
+    built = model._decode_layout  # built by generate() for its batch
+    # fp32 matmuls go through oneDNN wherever PyTorch has it (x86 and ARM builds), laid out for the row count
+    expected = kind if torch.backends.mkldnn.is_available() else "linear"
+    assert built is not None and built.kind == kind
+    assert all(m.kind == expected for _, *ms in built.blocks for m in ms) and built.head.kind == expected
     assert model.decode_layout(rows) is built  # reused while current
     with torch.no_grad():  # outside generate() every forward runs the readable modules
         logits = model(fast).logits
@@ -175,6 +180,59 @@ def test_decode_layout_in_bfloat16_gives_the_plain_logits():
     model.fast_decoding = False
     plain = model.generate(ids, **kwargs).logits[0]
     torch.testing.assert_close(fast, plain, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_decode_layout_appends_keys_in_place_with_the_plain_tokens(search, monkeypatch):
+    """The layout's cache layers write each step's keys/values into spare room (grown every 5 tokens here, so
+    every search regrows several times; beam search reorders rows every step): the same tokens as the readable
+    modules, which keep transformers' DynamicCache as it is."""
+    monkeypatch.setattr(GrowingLayer, "room", 5)
+    model = tiny_model()
+    outputs, caches = [], []
+    for fast_decoding in (True, False):
+        model.fast_decoding = fast_decoding
+        torch.manual_seed(2)
+        ids, mask = left_padded_batch()
+        result = model.generate(ids, attention_mask=mask, max_new_tokens=17, pad_token_id=0,
+                                return_dict_in_generate=True, **SEARCHES[search])
+        outputs.append(result.sequences)
+        caches.append(result.cache)
+    assert torch.equal(outputs[0], outputs[1])
+    assert {type(layer) for layer in caches[0].layers} == {GrowingLayer}
+    assert {type(layer) for layer in caches[1].layers} == {DynamicLayer}
+    for grown, plain in zip(caches[0].layers, caches[1].layers):  # oneDNN's fused matmul may round differently
+        torch.testing.assert_close(grown.keys, plain.keys)
+        torch.testing.assert_close(grown.values, plain.values)
+        assert grown.keys.shape[-2] < grown.storage[0].shape[-2] <= grown.keys.shape[-2] + 5
+
+
+def test_growing_layer_never_writes_into_what_it_returned():
+    """Step by step against DynamicLayer, through reorder, crop and batch selection (each replaces the keys, which
+    the next update copies into new storage); every tensor handed out keeps its values."""
+    torch.manual_seed(0)
+    grown, plain = GrowingLayer(), DynamicLayer()
+    handed_out, batch = [], 4
+    for step in range(9):
+        new_tokens = 3 if step == 0 else 1
+        keys, values = torch.randn(batch, 2, new_tokens, 8), torch.randn(batch, 2, new_tokens, 8)
+        got, want = grown.update(keys, values), plain.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        handed_out.append((got, [t.clone() for t in got]))
+        for layer in (grown, plain):
+            if step == 3:
+                layer.reorder_cache(torch.tensor([2, 0, 1, 1]))
+            if step == 5:
+                layer.crop(-2)
+            if step == 7:
+                layer.batch_select_indices(torch.tensor([0, 3]))
+        batch = grown.keys.shape[0]
+        assert grown.get_seq_length() == plain.get_seq_length()
+    assert all(torch.equal(t, copy) for tensors, copies in handed_out for t, copy in zip(tensors, copies))
+    cache = DynamicCache()  # layers added lazily, one per block: the layout's grow lazily too
+    GrowingLayer.grow_in_place(cache)
+    cache.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8), 0)
+    assert type(cache.layers[0]) is GrowingLayer
 
 
 def test_decode_layout_is_never_saved_and_follows_every_weight_change(tmp_path):
