@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models
-from transformers import CompileConfig, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import CompileConfig, DynamicCache, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from gpt2_scratch.convert import config_to_hf, convert_directory, from_hf
@@ -56,9 +57,10 @@ def matmul_flops(dtype: torch.dtype, size: int = 1024) -> float:
 def layout_table(repeats: int) -> None:
     """Why the decode layout uses oneDNN, and where its kernel stops: one step's matmuls (12 gpt2-small blocks and
     the tied head, 475 MiB in fp32) through F.linear on nn.Linear's (out × in) weights, `x @ W` on (in × out) copies
-    (transformers' Conv1D layout), and oneDNN's linear (the weights as they are for one row, prepacked for 8); bf16
-    F.linear beside. Then, per weight shape, the GB/s each one-row product streams against a plain read of the same
-    weights (`sum()`): oneDNN's linear and inductor's code for the same product written as a reduction."""
+    (transformers' Conv1D layout), and oneDNN's linear (the weights as they are; for several rows also prepacked for
+    8, as the decode layout multiplies them); bf16 F.linear beside. Then, per weight shape, the GB/s each one-row
+    product streams against a plain read of the same weights (`sum()`): oneDNN's linear and inductor's code for the
+    same product written as a reduction."""
     shapes = [(3 * 768, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
     weights = [torch.randn(out_features, in_features) * 0.02 for out_features, in_features in shapes]
     print("one decode step's matmuls, weights read from memory (ms per step, best of repeats)")
@@ -86,15 +88,17 @@ def layout_table(repeats: int) -> None:
 def step_matmul_seconds(weights: list[torch.Tensor], batch: int, repeats: int) -> list[tuple[str, float]]:
     xs = [torch.randn(batch, w.shape[1]) for w in weights]
     in_out = [w.t().contiguous() for w in weights]
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, batch) if batch > 1 else w for w in weights]
     bf16 = [w.to(torch.bfloat16) for w in weights]
+    linear = torch.ops.mkldnn._linear_pointwise
     runs = {
         "fp32 F.linear(x, W)": lambda: [F.linear(a, w) for a, w in zip(xs, weights)],
         "fp32 x @ W_t": lambda: [a @ w for a, w in zip(xs, in_out)],
-        "fp32 oneDNN linear": lambda: [torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-                                       for a, w in zip(xs, onednn)],
+        "fp32 oneDNN": lambda: [linear(a, w, None, "none", [], "") for a, w in zip(xs, weights)],
         "bf16 F.linear(x, W)": lambda: [F.linear(a.to(torch.bfloat16), w) for a, w in zip(xs, bf16)],
     }
+    if batch > 1:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
+        runs["fp32 oneDNN prepacked"] = lambda: [linear(a, w, None, "none", [], "") for a, w in zip(xs, packed)]
     return [(name, best_seconds(run, repeats)) for name, run in runs.items()]
 
 
@@ -124,6 +128,19 @@ def word_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 Run = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids, new tokens) → prompt + generated ids
+
+
+class ConcatenatingLayer(DynamicLayer):
+    """transformers' DynamicLayer (a new tensor every step) under another name, which the decode layout leaves as it
+    is instead of making it grow in place: the row that shows what GrowingLayer saves."""
+
+
+def concatenating_cache_run(model: GPT2ScratchForCausalLM) -> Run:
+    def run(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        cache = DynamicCache()
+        cache.layer_class_to_replicate = ConcatenatingLayer
+        return generate_run(model, cache=cache)(prompt, new_tokens)
+    return run
 
 
 def generate_run(model: torch.nn.Module, **kwargs) -> Run:
@@ -214,6 +231,7 @@ def main() -> None:
     runs: dict[str, tuple[str, Run]] = {
         "ours fp32 (readable modules only)": ("fp32", generate_run(plain)),
         "ours fp32 (decode layout)": ("fp32", generate_run(ours)),
+        "ours fp32 (decode layout, concatenating cache)": ("fp32", concatenating_cache_run(ours)),
         "ours bf16 (decode layout)": ("bf16", generate_run(ours_bf16)),
         "transformers fp32": ("fp32", generate_run(reference)),
         "transformers bf16": ("bf16", generate_run(reference_bf16)),
@@ -240,7 +258,7 @@ def main() -> None:
         for name, (dtype, _) in runs.items():
             step_bytes = params * {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
             ceiling = results[name] / batch * step_bytes / bandwidth
-            print(f"  {name:38s} {results[name]:8.1f} tok/s  {ceiling:6.1%} of the {dtype} ceiling", flush=True)
+            print(f"  {name:46s} {results[name]:8.1f} tok/s  {ceiling:6.1%} of the {dtype} ceiling", flush=True)
         report_ratios(results, tokens)
         floor = layout_matmul_seconds(ours, batch, max(args.repeats, 3))
         line = f"  ours fp32, the decode layout's matmuls alone: {floor * 1e3:.1f} ms a step"
@@ -284,6 +302,7 @@ def report_ratios(results: dict[str, float], tokens: dict[str, torch.Tensor]) ->
         ("ours fp32 / CTranslate2 fp32 (target >= 1.0)", ours, results.get("CTranslate2 fp32")),
         ("ours bf16 / ours fp32 (target >= 1.5)", results.get("ours bf16 (decode layout)"), ours),
         ("decode layout / readable modules (fp32)", ours, results.get("ours fp32 (readable modules only)")),
+        ("growing cache / concatenating (fp32)", ours, results.get("ours fp32 (decode layout, concatenating cache)")),
         ("ours fp32 / CTranslate2 int8", ours, results.get("CTranslate2 int8")),
     ]
     for label, a, b in lines:

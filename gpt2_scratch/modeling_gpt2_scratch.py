@@ -230,8 +230,7 @@ class DecodeMatmul:
     than F.linear's BLAS call for the few rows of a decode step. `kind` says how (see `DecodeLayout.kind_for`):
 
     - "vector": one row times the weights as they are (oneDNN's preferred layout for a matrix-vector product);
-    - "prepacked": a few rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows;
-    - "swapped": many rows, with the weights as the operand oneDNN streams, (out × in) · (in × rows), transposed back;
+    - "prepacked": several rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows;
     - "linear": F.linear, for bfloat16 (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on CPUs
       without bf16 instructions; with them, several rows are prepacked).
     """
@@ -261,13 +260,7 @@ class DecodeMatmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
-        if self.kind != "swapped":
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(self.weight, rows, None, "none", [], "").t().contiguous()
-        if self.bias is not None:
-            out += self.bias
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 class GrowingLayer(DynamicLayer):
@@ -330,9 +323,8 @@ class DecodeLayout:
 
     @staticmethod
     def kind_for(rows: int) -> str:
-        """The fastest of oneDNN's ways to multiply a step of `rows` rows on gpt2-small's weights, measured on an
-        AVX2 EPYC (docs/speed.md): the weights as they are for one row, prepacked for 2-4, swapped from 5."""
-        return "vector" if rows == 1 else "prepacked" if rows < 5 else "swapped"
+        """oneDNN reads one row's weights as they are (a matrix-vector product) and prepacks for several rows."""
+        return "vector" if rows == 1 else "prepacked"
 
     @staticmethod
     def fingerprint(model: GPT2ScratchForCausalLM) -> list[tuple]:
@@ -748,8 +740,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.out_head = new_embeddings
 
-    # generate() multiplies by a DecodeLayout (fused query/key/value copies, and for 2-4 rows prepacked copies of every
-    # matmul weight); False saves that memory.
+    # generate() multiplies by a DecodeLayout (fused query/key/value copies, and for several rows prepacked copies of
+    # every matmul weight); False saves that memory.
     fast_decoding = True
 
     def decode_layout(self, rows: int = 1) -> DecodeLayout | None:
