@@ -265,9 +265,9 @@ class DecodeMatmul:
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are views into buffers with room for `room` more tokens, so a decode step
-    writes its one token in place instead of concatenating the whole history into new memory (which cost ~15% of a
-    batch-8 step, docs/speed.md). Anything that replaces `keys` (beam search's reordering, crop, batch selection) is
-    copied into fresh buffers at the next update; nothing already returned is ever written to."""
+    writes its one token in place instead of concatenating the whole history into new memory (batch 8 generates 400
+    tokens 1.16x faster this way, docs/speed.md). Anything that replaces `keys` (beam search's reordering, crop,
+    batch selection) is copied into fresh buffers at the next update; nothing already returned is ever written to."""
 
     room = 128  # tokens of spare capacity per (re)allocation: one copy of the history every 128 steps
 
