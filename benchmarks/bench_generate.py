@@ -164,12 +164,15 @@ def ctranslate2_run(generator, vocab_size: int) -> Run:
 
 
 def tokens_per_second(runs: dict[str, Run], prompt: torch.Tensor, new_tokens: int, repeats: int
-                      ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+                      ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, float]]:
     """Each runtime's best of `repeats` timed runs, after a short warm-up (allocator, kernel choice, compilation,
-    the decode layout). The runtimes take turns within each repeat, so a slower or busier stretch of the machine
-    falls on all of them rather than on whichever ran then."""
-    for run in runs.values():
+    the decode layout), and the warm-up's seconds. The runtimes take turns within each repeat, so a slower or busier
+    stretch of the machine falls on all of them rather than on whichever ran then."""
+    warmup = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
         run(prompt, 4)
+        warmup[name] = time.perf_counter() - start
     best, tokens = dict.fromkeys(runs, float("inf")), {}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -177,7 +180,7 @@ def tokens_per_second(runs: dict[str, Run], prompt: torch.Tensor, new_tokens: in
             tokens[name] = run(prompt, new_tokens)
             best[name] = min(best[name], time.perf_counter() - start)
             assert tokens[name].shape == (prompt.shape[0], prompt.shape[1] + new_tokens), name
-    return {name: prompt.shape[0] * new_tokens / seconds for name, seconds in best.items()}, tokens
+    return {name: prompt.shape[0] * new_tokens / seconds for name, seconds in best.items()}, tokens, warmup
 
 
 def main() -> None:
@@ -197,6 +200,9 @@ def main() -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
+    # Every compiled row compiles the same code object (nn.Module's __call__), once per model and batch size: more
+    # than dynamo's default of 8 recompiles, after which it would silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = 64
     torch.manual_seed(0)
 
     small = GPT2ScratchConfig.from_preset("gpt2-small", qkv_bias=True)
@@ -242,6 +248,7 @@ def main() -> None:
                       max_cache_len=args.prompt_tokens + args.new_tokens)
         runs |= {
             "ours fp32 static + compile": ("fp32", generate_run(ours, **static)),
+            "ours bf16 static + compile": ("bf16", generate_run(ours_bf16, **static)),
             "transformers fp32 static + compile": ("fp32", generate_run(reference, **static)),
             "transformers bf16 static + compile": ("bf16", generate_run(reference_bf16, **static)),
         }
@@ -252,14 +259,19 @@ def main() -> None:
     runs = {name: run for name, run in runs.items() if not any(part in name for part in skipped)}
     for batch in map(int, args.batch_sizes.split(",")):
         prompt = torch.randint(0, small.vocab_size, (batch, args.prompt_tokens))
-        results, tokens = tokens_per_second({name: run for name, (_, run) in runs.items()}, prompt,
-                                            args.new_tokens, args.repeats)
+        results, tokens, warmup = tokens_per_second({name: run for name, (_, run) in runs.items()}, prompt,
+                                                    args.new_tokens, args.repeats)
         print(f"batch {batch}: tokens/s (all sequences), and each step's weight reads as % of the bandwidth ceiling")
         for name, (dtype, _) in runs.items():
             step_bytes = params * {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
             ceiling = results[name] / batch * step_bytes / bandwidth
             print(f"  {name:46s} {results[name]:8.1f} tok/s  {ceiling:6.1%} of the {dtype} ceiling", flush=True)
         report_ratios(results, tokens)
+        compiled = [f"{name.removesuffix(' static + compile')} {seconds:.1f} s" for name, seconds in warmup.items()
+                    if "compile" in name]
+        if compiled:
+            print("  first call, 4 tokens, compiling the step (inductor's on-disk cache may hold earlier runs' code): "
+                  + ", ".join(compiled))
         floor = layout_matmul_seconds(ours, batch, max(args.repeats, 3))
         line = f"  ours fp32, the decode layout's matmuls alone: {floor * 1e3:.1f} ms a step"
         if "CTranslate2 fp32" in results:
@@ -296,11 +308,14 @@ def ctranslate2_generators(ours: GPT2ScratchForCausalLM, vocab_size: int, thread
 
 def report_ratios(results: dict[str, float], tokens: dict[str, torch.Tensor]) -> None:
     """The ratios the targets are about, for the rows that ran (see --skip)."""
-    ours = results.get("ours fp32 (decode layout)")
+    ours, compiled = results.get("ours fp32 (decode layout)"), results.get("ours fp32 static + compile")
     lines = [  # (label, numerator, denominator)
         ("ours fp32 / transformers fp32", ours, results.get("transformers fp32")),
         ("ours fp32 / CTranslate2 fp32 (target >= 1.0)", ours, results.get("CTranslate2 fp32")),
         ("ours bf16 / ours fp32 (target >= 1.5)", results.get("ours bf16 (decode layout)"), ours),
+        ("compiled: ours fp32 / CTranslate2 fp32", compiled, results.get("CTranslate2 fp32")),
+        ("compiled: ours fp32 / transformers fp32", compiled, results.get("transformers fp32 static + compile")),
+        ("compiled: ours bf16 / ours fp32", results.get("ours bf16 static + compile"), compiled),
         ("decode layout / readable modules (fp32)", ours, results.get("ours fp32 (readable modules only)")),
         ("growing cache / concatenating (fp32)", ours, results.get("ours fp32 (decode layout, concatenating cache)")),
         ("ours fp32 / CTranslate2 int8", ours, results.get("CTranslate2 int8")),

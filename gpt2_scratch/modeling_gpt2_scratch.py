@@ -232,10 +232,18 @@ class DecodeMatmul:
     - "vector": one row times the weights as they are (oneDNN's preferred layout for a matrix-vector product);
     - "prepacked": several rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows;
     - "linear": F.linear, for bfloat16 (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on CPUs
-      without bf16 instructions; with them, several rows are prepacked).
+      without bf16 instructions; with them, several rows are prepacked);
+    - "reduction": a compiled one-row step (see `DecodeLayout.for_compiled_step`): no copies, the layers' own weights
+      read at each call, each product written as a multiply-and-sum over the input features, which inductor turns
+      into one loop streaming the weight at close to a plain read's rate (its own `decompose_mm` pass does the same
+      for small one-row products); the BLAS / oneDNN call it emits for a linear reads far slower (docs/speed.md).
+      Run eagerly, it would materialise every product: it is only ever traced.
     """
 
     def __init__(self, layers: list[nn.Linear], kind: str) -> None:
+        if kind == "reduction":  # nothing derived: the parameters themselves, read when the step runs
+            self.kind, self.layers, self.weight, self.bias, self.nbytes = kind, layers, None, None, 0
+            return
         weight = self.fused([layer.weight for layer in layers])
         self.bias = None if layers[0].bias is None else self.fused([layer.bias for layer in layers])
         onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
@@ -258,6 +266,14 @@ class DecodeMatmul:
         return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "reduction":
+            # A no-op view, except that inductor must write x to memory for it: otherwise it recomputes x's last
+            # norm or GELU inside the loop, once per output row (bf16's tied head ran at half speed that way).
+            x = x.as_strided(x.shape, x.stride())
+            products = [(x.unsqueeze(-2) * layer.weight).sum(-1) for layer in self.layers]
+            if self.layers[0].bias is not None:
+                products = [product + layer.bias for product, layer in zip(products, self.layers)]
+            return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -311,15 +327,27 @@ class DecodeLayout:
     from; a stale layout is rebuilt, never used.
     """
 
-    def __init__(self, model: GPT2ScratchForCausalLM, rows: int) -> None:
-        self.sources = self.fingerprint(model)
-        self.kind = self.kind_for(rows)
-        self.blocks = []
-        for block in model.transformer.trf_blocks:
-            att, ff = block.att, block.ff
-            matmuls = ([att.W_query, att.W_key, att.W_value], [att.out_proj], [ff.layers[0]], [ff.layers[2]])
-            self.blocks.append((block, *(DecodeMatmul(layers, self.kind) for layers in matmuls)))
+    def __init__(self, model: GPT2ScratchForCausalLM, rows: int, kind: str | None = None) -> None:
+        self.kind = kind or self.kind_for(rows)
+        # (a compiled step's layout holds no copies, and data pointers cannot be traced: nothing to fingerprint)
+        self.sources = [] if self.kind == "reduction" else self.fingerprint(model)
+        self.blocks = [(block, *(DecodeMatmul(layers, self.kind) for layers in self.block_layers(block)))
+                       for block in model.transformer.trf_blocks]
         self.head = DecodeMatmul([model.out_head], self.kind)
+
+    @classmethod
+    def for_compiled_step(cls, model: GPT2ScratchForCausalLM) -> DecodeLayout:
+        """The layout a compiled one-row decode step traces: products written as reductions over the parameters
+        themselves (kind "reduction"), so the compiled step reads the weights as they are when it runs (optimizer
+        steps included) and nothing is built or kept. Several rows keep the modules' linears: inductor's loop for
+        a batched reduction re-reads the weights for every row."""
+        return cls(model, 1, kind="reduction")
+
+    @staticmethod
+    def block_layers(block: TransformerBlock) -> tuple[list[nn.Linear], ...]:
+        """A block's matmuls in the order a step runs them, each as the layers that read the same input."""
+        att, ff = block.att, block.ff
+        return [att.W_query, att.W_key, att.W_value], [att.out_proj], [ff.layers[0]], [ff.layers[2]]
 
     @staticmethod
     def kind_for(rows: int) -> str:
@@ -335,8 +363,7 @@ class DecodeLayout:
         """Only plain nn.Linear layers (not PEFT-wrapped ones) on the CPU; elsewhere the modules run unchanged."""
         layers = [model.out_head]
         for block in model.transformer.trf_blocks:
-            att = block.att
-            layers += [att.W_query, att.W_key, att.W_value, att.out_proj, block.ff.layers[0], block.ff.layers[2]]
+            layers += [layer for group in DecodeLayout.block_layers(block) for layer in group]
         return model.device.type == "cpu" and all(type(layer) is nn.Linear for layer in layers)
 
     def fits(self, model: GPT2ScratchForCausalLM, rows: int) -> bool:
@@ -797,12 +824,16 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         `num_items_in_batch` makes the loss a sum divided by that count, so gradient accumulation averages correctly.
         """
         layout, layouts = None, self._step_layouts
-        if layouts is not None and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            # (a compiled step keeps the modules: inductor takes oneDNN's packed weights only as constants)
-            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-            if rows not in layouts:
-                layouts[rows] = self.decode_layout(rows)
-            layout = layouts[rows]
+        if layouts is not None and not (self.training or torch.is_grad_enabled()):
+            rows, num_new = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            if not torch.compiler.is_compiling():
+                if rows not in layouts:
+                    layouts[rows] = self.decode_layout(rows)
+                layout = layouts[rows]
+            elif rows == num_new == 1 and self.fast_decoding and DecodeLayout.applies_to(self):
+                # inductor takes oneDNN's packed weights only as constants, which would go stale: a compiled step
+                # multiplies the parameters themselves, one row as reductions
+                layout = DecodeLayout.for_compiled_step(self)
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,

@@ -107,14 +107,79 @@ def test_static_cache_decode_step_compiles_with_fullgraph_and_keeps_the_tokens()
         graphs.append(graph_module)
         return graph_module.forward
 
-    compile_config = CompileConfig(fullgraph=True, backend=recording_backend, mode=None)
-    compile_config._compile_all_devices = True  # generate() compiles only on GPUs unless told
+    compile_config = cpu_compile_config(recording_backend)
     reference = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     compiled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                               cache_implementation="static", compile_config=compile_config)
     assert graphs, "the decode step was not compiled"
     assert torch.equal(reference, compiled)
     assert type(model)._can_compile_fullgraph and type(model)._supports_sdpa
+
+
+def cpu_compile_config(backend) -> CompileConfig:
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    config._compile_all_devices = True  # generate() compiles only on GPUs unless told
+    return config
+
+
+def randomize_biases(model: GPT2ScratchForCausalLM) -> None:
+    with torch.no_grad():  # biases start at zero, which would hide one left out
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+
+
+def test_a_compiled_one_row_step_multiplies_the_parameters_themselves_as_reductions():
+    """One row per step compiled (static cache + compile): every product is traced as a multiply-and-sum over the
+    parameters themselves (DecodeMatmul kind "reduction"), no linear left; run as captured it gives the dynamic
+    cache's tokens, and after an optimizer step the same compiled step follows the new weights (nothing was copied).
+    Several rows keep the modules' linears."""
+    model = tiny_model(qkv_bias=True)
+    randomize_biases(model)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    prompt = left_padded_batch()[0][1:2]  # one row, no padding
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    def dynamic_and_compiled() -> tuple[torch.Tensor, torch.Tensor]:
+        return model.generate(prompt, **kwargs), model.generate(
+            prompt, cache_implementation="static", compile_config=cpu_compile_config(recording_backend), **kwargs)
+
+    before, compiled = dynamic_and_compiled()
+    assert torch.equal(before, compiled)
+    step = graphs[-1].graph.nodes
+    assert not [node for node in step if "linear" in str(node.target)]
+    # one realized input per product: the fused query/key/value, out_proj, both feed-forward layers, and the head
+    assert sum(node.target == "as_strided" for node in step) == 4 * model.config.n_layers + 1
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(prompt, labels=prompt).loss.backward()
+    optimizer.step()
+    model.eval()
+    after, compiled = dynamic_and_compiled()
+    assert torch.equal(after, compiled) and not torch.equal(after, before)
+
+    ids, mask = left_padded_batch()
+    model.generate(ids, attention_mask=mask, cache_implementation="static",
+                   compile_config=cpu_compile_config(recording_backend), **kwargs)
+    assert [node for node in graphs[-1].graph.nodes if "linear" in str(node.target)]
+
+
+def test_inductor_compiles_the_one_row_step_to_the_same_tokens():
+    """The real compiler (inductor's generated C++ for the reductions, the fast path docs/speed.md measures), on the
+    smallest model: the tokens of the dynamic cache's eager step."""
+    model = tiny_model(n_layers=1, qkv_bias=True)
+    randomize_biases(model)
+    prompt = left_padded_batch()[0][1:2]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    compiled = model.generate(prompt, cache_implementation="static", compile_config=cpu_compile_config("inductor"),
+                              **kwargs)
+    assert torch.equal(model.generate(prompt, **kwargs), compiled)
 
 
 def test_masks_are_built_per_call_not_stored_per_block():
@@ -149,10 +214,7 @@ def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind):
     model = tiny_model(qkv_bias=qkv_bias)
-    with torch.no_grad():  # biases start at zero, which would hide one left out
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    randomize_biases(model)
     fast, plain = generate_both_ways(model, rows)
     assert torch.equal(fast, plain)
     built = model._decode_layout  # built by generate() for its batch
