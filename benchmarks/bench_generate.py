@@ -1,4 +1,4 @@
-"""CPU decode speed: gpt2_scratch against transformers' GPT2LMHeadModel and CTranslate2, in one process.
+"""CPU decode speed: gpt2_scratch against transformers' GPT2LMHeadModel and CTranslate2, taking turns.
 
     .venv/bin/python benchmarks/bench_generate.py                      # 200 new tokens, batch 1 and 8 (~15 minutes)
     .venv/bin/python benchmarks/bench_generate.py --new_tokens 32 --no_compile   # a quick look
@@ -6,8 +6,9 @@
 
 The gpt2-small shape with random weights (the same weights everywhere), greedy, every sequence forced to the same
 length. Measured: ours fp32 (the readable modules alone, and through the decode layout generate() builds) and bf16;
-transformers fp32 and bf16 with the dynamic cache, and with a static cache + torch.compile; CTranslate2 fp32 and int8
-on the folder `gpt2-scratch convert --to-hf` writes; a read-bandwidth ceiling (every weight is read once per step).
+transformers fp32 and bf16 with the dynamic cache; ours and transformers, fp32 and bf16, with a static cache +
+torch.compile; CTranslate2 fp32 and int8 on the folder `gpt2-scratch convert --to-hf` writes, each in a worker
+process of its own; a read-bandwidth ceiling (every weight is read once per step).
 Prints tokens/s, ratios and % of that ceiling, the decode layout's memory, and a matmul bf16/fp32 throughput ratio.
 Not a test: numbers depend on the machine and on what else runs on it.
 """
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -105,8 +108,7 @@ def step_matmul_seconds(weights: list[torch.Tensor], batch: int, repeats: int) -
 def layout_matmul_seconds(model: GPT2ScratchForCausalLM, batch: int, repeats: int) -> float:
     """One decode step's matmuls through the model's decode layout alone, without the attention, norms and Python
     around them: a floor under the step's time set by the matmul kernel."""
-    layout = model.decode_layout(batch)
-    matmuls = [matmul for _, *block_matmuls in layout.blocks for matmul in block_matmuls] + [layout.head]
+    matmuls = model.decode_layout(batch).matmuls()
     inputs = [torch.randn(batch, 1, matmul.weight.shape[1]) for matmul in matmuls]
     with torch.no_grad():
         return best_seconds(lambda: [matmul(x) for matmul, x in zip(matmuls, inputs)], repeats)
@@ -151,16 +153,32 @@ def generate_run(model: torch.nn.Module, **kwargs) -> Run:
     return run
 
 
-def ctranslate2_run(generator, vocab_size: int) -> Run:
-    """Greedy generate_batch() with no end token, so every sequence runs the full length."""
+def ctranslate2_run(connection: Connection, vocab_size: int) -> Run:
+    """Greedy generate_batch() with no end token, so every sequence runs the full length, in the worker process at
+    the other end of `connection` (see ctranslate2_worker)."""
     strings = vocabulary(vocab_size)
 
     def run(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        start_tokens = [[strings[i] for i in row] for row in prompt.tolist()]
+        connection.send(([[strings[i] for i in row] for row in prompt.tolist()], new_tokens))
+        return torch.cat([prompt, torch.tensor(connection.recv())], dim=1)
+    return run
+
+
+def ctranslate2_worker(folder: str, compute_type: str, threads: int, connection: Connection) -> None:
+    """CTranslate2 in a process of its own (a daemon: it ends with the benchmark), answering (start tokens, new
+    tokens) requests. In the benchmark's own process its runs slowed the PyTorch runtimes timed after them, by up to
+    ~40% (docs/speed.md)."""
+    import ctranslate2
+
+    generator = ctranslate2.Generator(folder, device="cpu", compute_type=compute_type, intra_threads=threads)
+    while True:
+        try:
+            start_tokens, new_tokens = connection.recv()
+        except EOFError:  # the benchmark has ended
+            return
         results = generator.generate_batch(start_tokens, max_length=new_tokens, sampling_topk=1, end_token=[],
                                            include_prompt_in_result=False, max_batch_size=len(start_tokens))
-        return torch.cat([prompt, torch.tensor([r.sequences_ids[0] for r in results])], dim=1)
-    return run
+        connection.send([result.sequences_ids[0] for result in results])
 
 
 def tokens_per_second(runs: dict[str, Run], prompt: torch.Tensor, new_tokens: int, repeats: int
@@ -225,9 +243,11 @@ def main() -> None:
               for name, model in (("fp32", ours), ("bf16", ours_bf16)) for rows in (1, 8)}
     sizes = ", ".join(f"{name} {memory[name, 1]:.0f} / {memory[name, 8]:.0f}" for name in ("fp32", "bf16"))
     print(f"decode layout memory (MiB) for one row / several: {sizes} (beside {params * 4 / 2**20:.0f} MiB of fp32 "
-          "weights; built by generate(), freed with fast_decoding=False)\n")
+          "weights; built by generate(), freed with fast_decoding=False)")
+    kernel = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)"}.get(ours.decode_layout(1).head.kind, "F.linear")
+    print(f"one fp32 row: {kernel}, measured faster here when the layout was built\n")
 
-    generators = {} if args.no_ctranslate2 else ctranslate2_generators(ours, small.vocab_size, args.threads)
+    workers = {} if args.no_ctranslate2 else ctranslate2_workers(ours, small.vocab_size, args.threads)
     plain = copy.deepcopy(ours)
     plain.fast_decoding = False  # the readable modules alone
     for model in (ours, ours_bf16, plain, reference, reference_bf16):
@@ -252,8 +272,8 @@ def main() -> None:
             "transformers fp32 static + compile": ("fp32", generate_run(reference, **static)),
             "transformers bf16 static + compile": ("bf16", generate_run(reference_bf16, **static)),
         }
-    runs |= {name: (name.split()[-1], ctranslate2_run(generator, small.vocab_size))
-             for name, generator in generators.items()}
+    runs |= {name: (name.split()[-1], ctranslate2_run(connection, small.vocab_size))
+             for name, connection in workers.items()}
 
     skipped = [part for part in args.skip.split(",") if part]
     runs = {name: run for name, run in runs.items() if not any(part in name for part in skipped)}
@@ -286,24 +306,26 @@ def cpu_compile_config() -> CompileConfig:
     return config
 
 
-def ctranslate2_generators(ours: GPT2ScratchForCausalLM, vocab_size: int, threads: int) -> dict:
-    """Export as a user would (`gpt2-scratch convert --to-hf`), then CTranslate2's own converter, fp32 and int8."""
-    import ctranslate2
+def ctranslate2_workers(ours: GPT2ScratchForCausalLM, vocab_size: int, threads: int) -> dict[str, Connection]:
+    """Export as a user would (`gpt2-scratch convert --to-hf`), then CTranslate2's own converter, fp32 and int8,
+    each served by a worker process (ctranslate2_worker); returns the connection to each."""
     from ctranslate2.converters import TransformersConverter
 
     folder = Path(tempfile.mkdtemp(prefix="bench_generate_"))
     ours.save_pretrained(folder / "ours")
     word_level_tokenizer(vocab_size).save_pretrained(folder / "ours")
     convert_directory(folder / "ours", folder / "stock", to_stock=True)
-    generators = {}
+    connections = {}
     for compute_type in ("float32", "int8"):
         out = folder / f"ct2_{compute_type}"
         TransformersConverter(str(folder / "stock")).convert(str(out), quantization=compute_type)
         label = "fp32" if compute_type == "float32" else "int8"
-        generators[f"CTranslate2 {label}"] = ctranslate2.Generator(
-            str(out), device="cpu", compute_type=compute_type, intra_threads=threads
-        )
-    return generators
+        ours_end, worker_end = multiprocessing.get_context("spawn").Pipe()
+        multiprocessing.get_context("spawn").Process(
+            target=ctranslate2_worker, args=(str(out), compute_type, threads, worker_end), daemon=True
+        ).start()
+        connections[f"CTranslate2 {label}"] = ours_end
+    return connections
 
 
 def report_ratios(results: dict[str, float], tokens: dict[str, torch.Tensor]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -227,12 +228,14 @@ class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds 
 class DecodeMatmul:
     """One or more nn.Linear layers that read the same input, as a decode step multiplies them: side by side as one
     wider matmul, and in float32 through oneDNN's linear (where PyTorch has oneDNN), which streams the weights faster
-    than F.linear's BLAS call for the few rows of a decode step. `kind` says how (see `DecodeLayout.kind_for`):
+    than F.linear's BLAS call for several rows, and for one row on some CPUs. `kind` says how (see
+    `DecodeLayout.kind_for`):
 
     - "vector": one row times the weights as they are (oneDNN's preferred layout for a matrix-vector product);
     - "prepacked": several rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows;
     - "linear": F.linear, for bfloat16 (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on CPUs
-      without bf16 instructions; with them, several rows are prepacked);
+      without bf16 instructions; with them, several rows are prepacked), and for one fp32 row where the BLAS
+      matrix-vector product measured faster than oneDNN's (`DecodeLayout.one_row_kernel`);
     - "reduction": a compiled one-row step (see `DecodeLayout.for_compiled_step`): no copies, the layers' own weights
       read at each call, each product written as a multiply-and-sum over the input features, which inductor turns
       into one loop streaming the weight at close to a plain read's rate (its own `decompose_mm` pass does the same
@@ -334,6 +337,34 @@ class DecodeLayout:
         self.blocks = [(block, *(DecodeMatmul(layers, self.kind) for layers in self.block_layers(block)))
                        for block in model.transformer.trf_blocks]
         self.head = DecodeMatmul([model.out_head], self.kind)
+        if self.kind == "vector" and self.head.kind == "vector":  # fp32 through oneDNN: or is BLAS faster here?
+            kernel = self.one_row_kernel(self.matmuls())
+            for matmul in self.matmuls():
+                matmul.kind = kernel
+
+    # The faster one-row fp32 kernel, measured once per process for each set of weight shapes and thread count.
+    one_row_kernels: dict[tuple, str] = {}
+
+    @classmethod
+    def one_row_kernel(cls, matmuls: list[DecodeMatmul]) -> str:
+        """"vector" (oneDNN's linear) or "linear" (F.linear's BLAS matrix-vector product), whichever multiplies one
+        row by these weights faster on this CPU. Measured, not assumed: oneDNN's was 1.4x faster on an AMD EPYC,
+        the BLAS one 1.2x on an Intel Xeon (docs/speed.md). Timed over all the step's weights in a step's order, so
+        caches hold what they would hold in generate(); ~0.2 s for gpt2-small, once."""
+        key = (tuple(matmul.weight.shape for matmul in matmuls), torch.get_num_threads())
+        if key not in cls.one_row_kernels:
+            rows = [torch.randn(1, matmul.weight.shape[1]) for matmul in matmuls]
+            seconds: dict[str, list[float]] = {"vector": [], "linear": []}
+            for _ in range(4):  # taking turns; the first round only warms both kernels up
+                for kind, times in seconds.items():
+                    for matmul in matmuls:
+                        matmul.kind = kind
+                    start = time.perf_counter()
+                    for matmul, x in zip(matmuls, rows):
+                        matmul(x)
+                    times.append(time.perf_counter() - start)
+            cls.one_row_kernels[key] = min(seconds, key=lambda kind: min(seconds[kind][1:]))
+        return cls.one_row_kernels[key]
 
     @classmethod
     def for_compiled_step(cls, model: GPT2ScratchForCausalLM) -> DecodeLayout:
@@ -371,8 +402,11 @@ class DecodeLayout:
 
     def nbytes(self) -> int:
         """Memory held beyond the parameters themselves."""
-        matmuls = [matmul for _, *block_matmuls in self.blocks for matmul in block_matmuls] + [self.head]
-        return sum(matmul.nbytes for matmul in matmuls)
+        return sum(matmul.nbytes for matmul in self.matmuls())
+
+    def matmuls(self) -> list[DecodeMatmul]:
+        """Every matmul of a step, in the order a step runs them."""
+        return [matmul for _, *block_matmuls in self.blocks for matmul in block_matmuls] + [self.head]
 
     def run_blocks(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         """TransformerBlock.forward for every block in turn, through the decode matmuls: the same operations in the

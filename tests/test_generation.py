@@ -6,6 +6,7 @@ import copy
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchForCausalLM
-from gpt2_scratch.modeling_gpt2_scratch import GrowingLayer, causal_mask
+from gpt2_scratch.modeling_gpt2_scratch import DecodeLayout, GrowingLayer, causal_mask
 
 
 def tiny_model(impl: str = "sdpa", **overrides) -> GPT2ScratchForCausalLM:
@@ -210,24 +211,55 @@ def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -
     return fast, plain
 
 
-@pytest.mark.parametrize(("rows", "kind"), [(1, "vector"), (3, "prepacked"), (6, "prepacked")])
+@pytest.mark.parametrize(("rows", "kind", "one_row_kernel"), [
+    (1, "vector", "vector"), (1, "vector", "linear"), (3, "prepacked", None), (6, "prepacked", None)
+])
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind):
+def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind, one_row_kernel, monkeypatch):
+    # one fp32 row goes through whichever of oneDNN's and BLAS's kernels measured faster: both are held to the tokens
+    monkeypatch.setattr(DecodeLayout, "one_row_kernel", classmethod(lambda cls, matmuls: one_row_kernel))
     model = tiny_model(qkv_bias=qkv_bias)
     randomize_biases(model)
     fast, plain = generate_both_ways(model, rows)
     assert torch.equal(fast, plain)
     built = model._decode_layout  # built by generate() for its batch
     # fp32 matmuls go through oneDNN wherever PyTorch has it (x86 and ARM builds), laid out for the row count
-    expected = kind if torch.backends.mkldnn.is_available() else "linear"
+    expected = (one_row_kernel or kind) if torch.backends.mkldnn.is_available() else "linear"
     assert built is not None and built.kind == kind
-    assert all(m.kind == expected for _, *ms in built.blocks for m in ms) and built.head.kind == expected
+    assert all(m.kind == expected for m in built.matmuls())
     assert model.decode_layout(rows) is built  # reused while current
     with torch.no_grad():  # outside generate() every forward runs the readable modules
         logits = model(fast).logits
     model.fast_decoding = False
     with torch.no_grad():
         assert torch.equal(logits, model(fast).logits)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="without oneDNN every matmul is F.linear")
+@pytest.mark.parametrize("slowed", ["vector", "linear"])
+def test_one_fp32_row_takes_the_kernel_measured_faster(slowed, monkeypatch):
+    """Which one-row kernel is faster depends on the CPU, so the layout measures: held back by 2 ms a call, either
+    kernel loses, and the verdict is kept for the process (a rebuilt layout does not measure again)."""
+    monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
+    name = {"vector": (torch.ops.mkldnn, "_linear_pointwise"), "linear": (torch.nn.functional, "linear")}[slowed]
+    kernel = getattr(*name)
+
+    calls = []
+
+    def held_back(*args):
+        calls.append(1)
+        time.sleep(0.002)
+        return kernel(*args)
+
+    monkeypatch.setattr(*name, held_back)
+    layout = tiny_model().decode_layout(1)
+    faster = {"vector": "linear", "linear": "vector"}[slowed]
+    assert DecodeLayout.one_row_kernels == {
+        (tuple(m.weight.shape for m in layout.matmuls()), torch.get_num_threads()): faster
+    }
+    assert all(m.kind == faster for m in layout.matmuls())
+    calls.clear()
+    assert all(m.kind == faster for m in DecodeLayout(tiny_model(), 1).matmuls()) and not calls
 
 
 def test_decode_layout_in_bfloat16_gives_the_plain_logits():
