@@ -109,7 +109,7 @@ def layout_matmul_seconds(model: GPT2ScratchForCausalLM, batch: int, repeats: in
     """One decode step's matmuls through the model's decode layout alone, without the attention, norms and Python
     around them: a floor under the step's time set by the matmul kernel."""
     matmuls = model.decode_layout(batch).matmuls()
-    inputs = [torch.randn(batch, 1, matmul.weight.shape[1]) for matmul in matmuls]
+    inputs = [torch.randn(batch, 1, matmul.in_features) for matmul in matmuls]
     with torch.no_grad():
         return best_seconds(lambda: [matmul(x) for matmul, x in zip(matmuls, inputs)], repeats)
 
@@ -244,8 +244,9 @@ def main() -> None:
     sizes = ", ".join(f"{name} {memory[name, 1]:.0f} / {memory[name, 8]:.0f}" for name in ("fp32", "bf16"))
     print(f"decode layout memory (MiB) for one row / several: {sizes} (beside {params * 4 / 2**20:.0f} MiB of fp32 "
           "weights; built by generate(), freed with fast_decoding=False)")
-    kernel = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)"}.get(ours.decode_layout(1).head.kind, "F.linear")
-    print(f"one fp32 row: {kernel}, measured faster here when the layout was built\n")
+    kernels = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)", "transposed": "x @ W_t (BLAS, a copy)"}
+    print(f"one fp32 row: {kernels[ours.decode_layout(1).head.kind]}, measured fastest here when the layout was "
+          "built\n")
 
     workers = {} if args.no_ctranslate2 else ctranslate2_workers(ours, small.vocab_size, args.threads)
     plain = copy.deepcopy(ours)

@@ -227,23 +227,24 @@ class TransformerBlock(GradientCheckpointingLayer):  # the base class only adds 
 
 class DecodeMatmul:
     """One or more nn.Linear layers that read the same input, as a decode step multiplies them: side by side as one
-    wider matmul, and in float32 through oneDNN's linear (where PyTorch has oneDNN), which streams the weights faster
-    than F.linear's BLAS call for several rows, and for one row on some CPUs. `kind` says how (see
-    `DecodeLayout.kind_for`):
+    wider matmul, through the kernel that streams the weights fastest for the step's row count. `kind` says which
+    (see `DecodeLayout.kind_for` and `DecodeLayout.fastest_one_row_matmuls`):
 
-    - "vector": one row times the weights as they are (oneDNN's preferred layout for a matrix-vector product);
-    - "prepacked": several rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows;
-    - "linear": F.linear, for bfloat16 (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on CPUs
-      without bf16 instructions; with them, several rows are prepacked), and for one fp32 row where the BLAS
-      matrix-vector product measured faster than oneDNN's (`DecodeLayout.one_row_kernel`);
+    - "prepacked": several rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows (float32, and
+      bfloat16 on CPUs with bf16 instructions);
+    - for one float32 row, whichever of these three measures fastest on this CPU:
+      "vector", oneDNN's linear on the weights as they are; "linear", F.linear's BLAS matrix-vector product on the
+      same; "transposed", BLAS's `x @ W` on an (in × out) copy, the layout of transformers' Conv1D;
+    - "linear" also for bfloat16 otherwise (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on
+      CPUs without bf16 instructions);
     - "reduction": a compiled one-row step (see `DecodeLayout.for_compiled_step`): no copies, the layers' own weights
       read at each call, each product written as a multiply-and-sum over the input features, which inductor turns
-      into one loop streaming the weight at close to a plain read's rate (its own `decompose_mm` pass does the same
-      for small one-row products); the BLAS / oneDNN call it emits for a linear reads far slower (docs/speed.md).
+      into one loop streaming the weight (its own `decompose_mm` pass does the same for small one-row products).
       Run eagerly, it would materialise every product: it is only ever traced.
     """
 
     def __init__(self, layers: list[nn.Linear], kind: str) -> None:
+        self.in_features = layers[0].in_features
         if kind == "reduction":  # nothing derived: the parameters themselves, read when the step runs
             self.kind, self.layers, self.weight, self.bias, self.nbytes = kind, layers, None, None, 0
             return
@@ -251,16 +252,21 @@ class DecodeMatmul:
         self.bias = None if layers[0].bias is None else self.fused([layer.bias for layer in layers])
         onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
         bf16_onednn = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if onednn and weight.dtype == torch.float32:
+        if weight.dtype == torch.float32 and (onednn or kind in ("linear", "transposed")):
             self.kind = kind
-        elif bf16_onednn and weight.dtype == torch.bfloat16 and kind != "vector":
-            self.kind = "prepacked"
+        elif bf16_onednn and weight.dtype == torch.bfloat16 and kind == "prepacked":
+            self.kind = kind
         else:
             self.kind = "linear"
-        prepacked = self.kind == "prepacked"
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if prepacked else weight
-        # Memory beyond the parameters themselves: a fused or prepacked weight is a copy, a fused bias too.
-        copies = ([weight] if len(layers) > 1 or prepacked else []) + ([self.bias] if len(layers) > 1 else [])
+        if self.kind == "prepacked":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+        elif self.kind == "transposed":
+            self.weight = weight.t().contiguous()
+        else:
+            self.weight = weight
+        # Memory beyond the parameters themselves: a fused, prepacked or transposed weight is a copy, a fused bias too.
+        copies = ([weight] if len(layers) > 1 or self.kind in ("prepacked", "transposed") else []) + (
+            [self.bias] if len(layers) > 1 else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @staticmethod
@@ -279,6 +285,9 @@ class DecodeMatmul:
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
+        if self.kind == "transposed":
+            product = torch.matmul(x, self.weight)
+            return product if self.bias is None else product + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
@@ -322,7 +331,7 @@ class GrowingLayer(DynamicLayer):
 
 class DecodeLayout:
     """The matmul weights of a causal LM as generate() multiplies them (a `DecodeMatmul` each: query/key/value fused,
-    through oneDNN in float32, laid out for the step's row count), and the blocks run as one loop over them.
+    through the kernel fastest for the step's row count), and the blocks run as one loop over them.
 
     Derived from the nn.Linear modules, which stay the source of truth for training, PEFT and saving: nothing here is a
     parameter or a buffer, so nothing is saved. `fits()` compares each parameter's identity, storage, dtype, device and
@@ -334,37 +343,47 @@ class DecodeLayout:
         self.kind = kind or self.kind_for(rows)
         # (a compiled step's layout holds no copies, and data pointers cannot be traced: nothing to fingerprint)
         self.sources = [] if self.kind == "reduction" else self.fingerprint(model)
-        self.blocks = [(block, *(DecodeMatmul(layers, self.kind) for layers in self.block_layers(block)))
-                       for block in model.transformer.trf_blocks]
-        self.head = DecodeMatmul([model.out_head], self.kind)
-        if self.kind == "vector" and self.head.kind == "vector":  # fp32 through oneDNN: or is BLAS faster here?
-            kernel = self.one_row_kernel(self.matmuls())
-            for matmul in self.matmuls():
-                matmul.kind = kernel
+        groups = self.matmul_layers(model)
+        if self.kind == "vector" and model.out_head.weight.dtype == torch.float32:
+            matmuls = self.fastest_one_row_matmuls(groups)
+        else:
+            matmuls = [DecodeMatmul(layers, self.kind) for layers in groups]
+        self.head = matmuls.pop()
+        per_block = len(matmuls) // len(model.transformer.trf_blocks)
+        self.blocks = [(block, *matmuls[i * per_block:(i + 1) * per_block])
+                       for i, block in enumerate(model.transformer.trf_blocks)]
 
-    # The faster one-row fp32 kernel, measured once per process for each set of weight shapes and thread count.
+    # The fastest one-row float32 kernel, measured once per process for each set of weight shapes and thread count.
     one_row_kernels: dict[tuple, str] = {}
 
     @classmethod
-    def one_row_kernel(cls, matmuls: list[DecodeMatmul]) -> str:
-        """"vector" (oneDNN's linear) or "linear" (F.linear's BLAS matrix-vector product), whichever multiplies one
-        row by these weights faster on this CPU. Measured, not assumed: oneDNN's was 1.4x faster on an AMD EPYC,
-        the BLAS one 1.2x on an Intel Xeon (docs/speed.md). Timed over all the step's weights in a step's order, so
-        caches hold what they would hold in generate(); ~0.2 s for gpt2-small, once."""
-        key = (tuple(matmul.weight.shape for matmul in matmuls), torch.get_num_threads())
-        if key not in cls.one_row_kernels:
-            rows = [torch.randn(1, matmul.weight.shape[1]) for matmul in matmuls]
-            seconds: dict[str, list[float]] = {"vector": [], "linear": []}
-            for _ in range(4):  # taking turns; the first round only warms both kernels up
-                for kind, times in seconds.items():
-                    for matmul in matmuls:
-                        matmul.kind = kind
+    def fastest_one_row_matmuls(cls, groups: list[list[nn.Linear]]) -> list[DecodeMatmul]:
+        """The step's matmuls through the kernel ("vector": oneDNN, "linear": BLAS, "transposed": BLAS on an in × out
+        copy) that multiplies one float32 row by these weights fastest on this CPU. Measured, not assumed: the answer
+        differs by CPU (oneDNN's on AMD EPYCs, BLAS's on the transposed copy on an Intel Xeon: docs/speed.md). Timed
+        taking turns over all the step's weights in a step's order, so caches hold what they would in generate(),
+        once per process (~0.5 s for gpt2-small); the losers' copies are dropped. The transposed copy (as much memory
+        again as the weights) is taken only where it is at least 10% faster than the best kernel without it."""
+        key = (tuple(tuple(layer.weight.shape) for layers in groups for layer in layers), torch.get_num_threads())
+        if key in cls.one_row_kernels:
+            return [DecodeMatmul(layers, cls.one_row_kernels[key]) for layers in groups]
+        onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        kinds = ("vector", "linear", "transposed") if onednn else ("linear", "transposed")
+        candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in kinds}
+        rows = [torch.randn(1, layers[0].in_features) for layers in groups]
+        seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+        with torch.no_grad():
+            for _ in range(4):  # taking turns; the first round only warms each kernel up
+                for kind, matmuls in candidates.items():
                     start = time.perf_counter()
                     for matmul, x in zip(matmuls, rows):
                         matmul(x)
-                    times.append(time.perf_counter() - start)
-            cls.one_row_kernels[key] = min(seconds, key=lambda kind: min(seconds[kind][1:]))
-        return cls.one_row_kernels[key]
+                    seconds[kind].append(time.perf_counter() - start)
+        best = {kind: min(times[1:]) for kind, times in seconds.items()}
+        in_place = min(kinds[:-1], key=best.get)
+        # a copy of every weight has to pay for itself: at least 10% faster than the weights as they are
+        cls.one_row_kernels[key] = "transposed" if best["transposed"] < 0.9 * best[in_place] else in_place
+        return candidates[cls.one_row_kernels[key]]
 
     @classmethod
     def for_compiled_step(cls, model: GPT2ScratchForCausalLM) -> DecodeLayout:
@@ -374,6 +393,12 @@ class DecodeLayout:
         a batched reduction re-reads the weights for every row."""
         return cls(model, 1, kind="reduction")
 
+    @classmethod
+    def matmul_layers(cls, model: GPT2ScratchForCausalLM) -> list[list[nn.Linear]]:
+        """Every matmul of a step, in a step's order, as the layers that read the same input; the head last."""
+        groups = [layers for block in model.transformer.trf_blocks for layers in cls.block_layers(block)]
+        return [*groups, [model.out_head]]
+
     @staticmethod
     def block_layers(block: TransformerBlock) -> tuple[list[nn.Linear], ...]:
         """A block's matmuls in the order a step runs them, each as the layers that read the same input."""
@@ -382,7 +407,8 @@ class DecodeLayout:
 
     @staticmethod
     def kind_for(rows: int) -> str:
-        """oneDNN reads one row's weights as they are (a matrix-vector product) and prepacks for several rows."""
+        """One row is a matrix-vector product (through the kernel `fastest_one_row_matmuls` measures fastest);
+        several rows are multiplied by oneDNN's prepacked weights."""
         return "vector" if rows == 1 else "prepacked"
 
     @staticmethod
@@ -392,9 +418,7 @@ class DecodeLayout:
     @staticmethod
     def applies_to(model: GPT2ScratchForCausalLM) -> bool:
         """Only plain nn.Linear layers (not PEFT-wrapped ones) on the CPU; elsewhere the modules run unchanged."""
-        layers = [model.out_head]
-        for block in model.transformer.trf_blocks:
-            layers += [layer for group in DecodeLayout.block_layers(block) for layer in group]
+        layers = [layer for group in DecodeLayout.matmul_layers(model) for layer in group]
         return model.device.type == "cpu" and all(type(layer) is nn.Linear for layer in layers)
 
     def fits(self, model: GPT2ScratchForCausalLM, rows: int) -> bool:

@@ -15,7 +15,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchForCausalLM
-from gpt2_scratch.modeling_gpt2_scratch import DecodeLayout, GrowingLayer, causal_mask
+from gpt2_scratch.modeling_gpt2_scratch import DecodeLayout, DecodeMatmul, GrowingLayer, causal_mask
 
 
 def tiny_model(impl: str = "sdpa", **overrides) -> GPT2ScratchForCausalLM:
@@ -212,19 +212,22 @@ def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -
 
 
 @pytest.mark.parametrize(("rows", "kind", "one_row_kernel"), [
-    (1, "vector", "vector"), (1, "vector", "linear"), (3, "prepacked", None), (6, "prepacked", None)
+    (1, "vector", "vector"), (1, "vector", "linear"), (1, "vector", "transposed"), (3, "prepacked", None),
+    (6, "prepacked", None),
 ])
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind, one_row_kernel, monkeypatch):
-    # one fp32 row goes through whichever of oneDNN's and BLAS's kernels measured faster: both are held to the tokens
-    monkeypatch.setattr(DecodeLayout, "one_row_kernel", classmethod(lambda cls, matmuls: one_row_kernel))
+    # one fp32 row goes through whichever kernel measured fastest here: each is held to the plain tokens
+    monkeypatch.setattr(DecodeLayout, "fastest_one_row_matmuls",
+                        classmethod(lambda cls, groups: [DecodeMatmul(layers, one_row_kernel) for layers in groups]))
     model = tiny_model(qkv_bias=qkv_bias)
     randomize_biases(model)
     fast, plain = generate_both_ways(model, rows)
     assert torch.equal(fast, plain)
     built = model._decode_layout  # built by generate() for its batch
-    # fp32 matmuls go through oneDNN wherever PyTorch has it (x86 and ARM builds), laid out for the row count
-    expected = (one_row_kernel or kind) if torch.backends.mkldnn.is_available() else "linear"
+    # several fp32 rows go through oneDNN's prepacked weights wherever PyTorch has oneDNN (x86 and ARM builds)
+    onednn = torch.backends.mkldnn.is_available()
+    expected = one_row_kernel if rows == 1 and (onednn or one_row_kernel != "vector") else kind if onednn else "linear"
     assert built is not None and built.kind == kind
     assert all(m.kind == expected for m in built.matmuls())
     assert model.decode_layout(rows) is built  # reused while current
@@ -235,31 +238,38 @@ def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind, one_row_
         assert torch.equal(logits, model(fast).logits)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="without oneDNN every matmul is F.linear")
-@pytest.mark.parametrize("slowed", ["vector", "linear"])
-def test_one_fp32_row_takes_the_kernel_measured_faster(slowed, monkeypatch):
-    """Which one-row kernel is faster depends on the CPU, so the layout measures: held back by 2 ms a call, either
-    kernel loses, and the verdict is kept for the process (a rebuilt layout does not measure again)."""
-    monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
-    name = {"vector": (torch.ops.mkldnn, "_linear_pointwise"), "linear": (torch.nn.functional, "linear")}[slowed]
-    kernel = getattr(*name)
+KERNELS = {"vector": (torch.ops.mkldnn, "_linear_pointwise"), "linear": (torch.nn.functional, "linear"),
+           "transposed": (torch, "matmul")}
 
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernel is one of the candidates")
+@pytest.mark.parametrize("fastest", KERNELS)
+def test_one_fp32_row_takes_the_kernel_measured_fastest(fastest, monkeypatch):
+    """Which one-row kernel is fastest depends on the CPU, so the layout measures: with the other two held back by
+    2 ms a call, each kernel wins in turn; the verdict is kept for the process (a new layout does not measure again),
+    and only the winner's copies are kept."""
+    monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
     calls = []
 
-    def held_back(*args):
-        calls.append(1)
-        time.sleep(0.002)
-        return kernel(*args)
+    def held_back(kernel):
+        def slower(*args):
+            calls.append(1)
+            time.sleep(0.002)
+            return kernel(*args)
+        return slower
 
-    monkeypatch.setattr(*name, held_back)
-    layout = tiny_model().decode_layout(1)
-    faster = {"vector": "linear", "linear": "vector"}[slowed]
-    assert DecodeLayout.one_row_kernels == {
-        (tuple(m.weight.shape for m in layout.matmuls()), torch.get_num_threads()): faster
-    }
-    assert all(m.kind == faster for m in layout.matmuls())
+    for kind, (owner, name) in KERNELS.items():
+        if kind != fastest:
+            monkeypatch.setattr(owner, name, held_back(getattr(owner, name)))
+    model = tiny_model()
+    layout = model.decode_layout(1)
+    assert list(DecodeLayout.one_row_kernels.values()) == [fastest]
+    assert all(m.kind == fastest for m in layout.matmuls())
+    fused_qkv = model.config.n_layers * 3 * model.config.emb_dim**2 * 4
+    transposed = sum(m.weight.numel() * 4 for m in layout.matmuls()) - fused_qkv if fastest == "transposed" else 0
+    assert layout.nbytes() == fused_qkv + transposed
     calls.clear()
-    assert all(m.kind == faster for m in DecodeLayout(tiny_model(), 1).matmuls()) and not calls
+    assert all(m.kind == fastest for m in DecodeLayout(tiny_model(), 1).matmuls()) and not calls
 
 
 def test_decode_layout_in_bfloat16_gives_the_plain_logits():
