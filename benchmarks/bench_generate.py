@@ -244,8 +244,8 @@ def main() -> None:
     sizes = ", ".join(f"{name} {memory[name, 1]:.0f} / {memory[name, 8]:.0f}" for name in ("fp32", "bf16"))
     print(f"decode layout memory (MiB) for one row / several: {sizes} (beside {params * 4 / 2**20:.0f} MiB of fp32 "
           "weights; built by generate(), freed with fast_decoding=False)")
-    kernels = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)", "transposed": "x @ W_t (BLAS, a copy)"}
-    print(f"one fp32 row: {kernels[ours.decode_layout(1).head.kind]}, measured fastest here when the layout was "
+    kernels = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)"}
+    print(f"one fp32 row: {kernels[ours.decode_layout(1).head.kind]}, measured faster here when the layout was "
           "built\n")
 
     workers = {} if args.no_ctranslate2 else ctranslate2_workers(ours, small.vocab_size, args.threads)

@@ -232,9 +232,9 @@ class DecodeMatmul:
 
     - "prepacked": several rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows (float32, and
       bfloat16 on CPUs with bf16 instructions);
-    - for one float32 row, whichever of these three measures fastest on this CPU:
-      "vector", oneDNN's linear on the weights as they are; "linear", F.linear's BLAS matrix-vector product on the
-      same; "transposed", BLAS's `x @ W` on an (in × out) copy, the layout of transformers' Conv1D;
+    - for one float32 row, whichever of these two measures faster on this CPU: "vector", oneDNN's linear on the
+      weights as they are (oneDNN's preferred layout for a matrix-vector product), or "linear", F.linear's BLAS
+      matrix-vector product on the same;
     - "linear" also for bfloat16 otherwise (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on
       CPUs without bf16 instructions);
     - "reduction": a compiled one-row step (see `DecodeLayout.for_compiled_step`): no copies, the layers' own weights
@@ -252,21 +252,16 @@ class DecodeMatmul:
         self.bias = None if layers[0].bias is None else self.fused([layer.bias for layer in layers])
         onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
         bf16_onednn = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if weight.dtype == torch.float32 and (onednn or kind in ("linear", "transposed")):
+        if weight.dtype == torch.float32 and (onednn or kind == "linear"):
             self.kind = kind
         elif bf16_onednn and weight.dtype == torch.bfloat16 and kind == "prepacked":
             self.kind = kind
         else:
             self.kind = "linear"
-        if self.kind == "prepacked":
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-        elif self.kind == "transposed":
-            self.weight = weight.t().contiguous()
-        else:
-            self.weight = weight
-        # Memory beyond the parameters themselves: a fused, prepacked or transposed weight is a copy, a fused bias too.
-        copies = ([weight] if len(layers) > 1 or self.kind in ("prepacked", "transposed") else []) + (
-            [self.bias] if len(layers) > 1 else [])
+        prepacked = self.kind == "prepacked"
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if prepacked else weight
+        # Memory beyond the parameters themselves: a fused or prepacked weight is a copy, a fused bias too.
+        copies = ([weight] if len(layers) > 1 or prepacked else []) + ([self.bias] if len(layers) > 1 else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @staticmethod
@@ -285,9 +280,6 @@ class DecodeMatmul:
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
-        if self.kind == "transposed":
-            product = torch.matmul(x, self.weight)
-            return product if self.bias is None else product + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
@@ -353,22 +345,23 @@ class DecodeLayout:
         self.blocks = [(block, *matmuls[i * per_block:(i + 1) * per_block])
                        for i, block in enumerate(model.transformer.trf_blocks)]
 
-    # The fastest one-row float32 kernel, measured once per process for each set of weight shapes and thread count.
+    # The faster one-row float32 kernel, measured once per process for each set of weight shapes and thread count.
     one_row_kernels: dict[tuple, str] = {}
 
     @classmethod
     def fastest_one_row_matmuls(cls, groups: list[list[nn.Linear]]) -> list[DecodeMatmul]:
-        """The step's matmuls through the kernel ("vector": oneDNN, "linear": BLAS, "transposed": BLAS on an in × out
-        copy) that multiplies one float32 row by these weights fastest on this CPU. Measured, not assumed: the answer
-        differs by CPU (oneDNN's on AMD EPYCs, BLAS's on the transposed copy on an Intel Xeon: docs/speed.md). Timed
-        taking turns over all the step's weights in a step's order, so caches hold what they would in generate(),
-        once per process (~0.5 s for gpt2-small); the losers' copies are dropped. The transposed copy (as much memory
-        again as the weights) is taken only where it is at least 10% faster than the best kernel without it."""
+        """The step's matmuls through the kernel ("vector": oneDNN's linear, "linear": F.linear's BLAS) that
+        multiplies one float32 row by these weights faster on this CPU. Measured, not assumed: the answer differs by
+        CPU (oneDNN's by 1.5x on an AMD EPYC, about even on an Intel Xeon: docs/speed.md). Timed taking turns over all
+        the step's weights in a step's order, so caches hold what they would in generate(); once per process (~0.2 s
+        for gpt2-small)."""
         key = (tuple(tuple(layer.weight.shape) for layers in groups for layer in layers), torch.get_num_threads())
         if key in cls.one_row_kernels:
             return [DecodeMatmul(layers, cls.one_row_kernels[key]) for layers in groups]
         onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        kinds = ("vector", "linear", "transposed") if onednn else ("linear", "transposed")
+        if not onednn:
+            return [DecodeMatmul(layers, "linear") for layers in groups]
+        kinds = ("vector", "linear")
         candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in kinds}
         rows = [torch.randn(1, layers[0].in_features) for layers in groups]
         seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -379,10 +372,7 @@ class DecodeLayout:
                     for matmul, x in zip(matmuls, rows):
                         matmul(x)
                     seconds[kind].append(time.perf_counter() - start)
-        best = {kind: min(times[1:]) for kind, times in seconds.items()}
-        in_place = min(kinds[:-1], key=best.get)
-        # a copy of every weight has to pay for itself: at least 10% faster than the weights as they are
-        cls.one_row_kernels[key] = "transposed" if best["transposed"] < 0.9 * best[in_place] else in_place
+        cls.one_row_kernels[key] = min(kinds, key=lambda kind: min(seconds[kind][1:]))
         return candidates[cls.one_row_kernels[key]]
 
     @classmethod
@@ -407,7 +397,7 @@ class DecodeLayout:
 
     @staticmethod
     def kind_for(rows: int) -> str:
-        """One row is a matrix-vector product (through the kernel `fastest_one_row_matmuls` measures fastest);
+        """One row is a matrix-vector product (through the kernel `fastest_one_row_matmuls` measures faster);
         several rows are multiplied by oneDNN's prepacked weights."""
         return "vector" if rows == 1 else "prepacked"
 
