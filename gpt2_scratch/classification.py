@@ -321,6 +321,5 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         print(f"saved to {out}")
         if args.push_to_hub:
             print(f"pushed to {push_folder(out, args.hub_model_id)}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    loop.close()  # the process group: last
     return report

@@ -412,6 +412,5 @@ def run(args: argparse.Namespace) -> dict:
         print(f"saved the adapter to {out}" + (f" and the merged model to {out / 'merged'}" if args.merge else ""))
         if args.push_to_hub:
             print(f"pushed to {push_folder(out, args.hub_model_id)}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    loop.close()  # the process group: last
     return report

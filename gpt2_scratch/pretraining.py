@@ -392,7 +392,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         print(f"saved to {out}: validation bits per byte {result.metrics['eval/bits_per_byte']:.4f}")
         if args.push_to_hub:
             print(f"pushed to {push_folder(out, args.hub_model_id)}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # closes the trackers and the process group: last
+    loop.close()  # the process group: last
     return result.metrics
 

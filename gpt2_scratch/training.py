@@ -9,6 +9,7 @@ mixed precision and state saving; this module only decides *what* happens at eac
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import signal
@@ -558,6 +559,19 @@ class TrainingLoop:
             metrics = self.best.restore(self.model, self.progress)
         stopped_early = time_up and not args.schedule_on_clock  # on the clock, the budget is the planned end
         return LoopResult(self.progress, metrics, stopped_early, seconds)
+
+    def close(self) -> None:
+        """The end of a script, on every process: wait for the others, let go of the DDP-wrapped model, then close
+        the trackers and the process group. In that order because DDP's reducer can hold the last reference to
+        gloo's process group: freed after `end_training()`, it joins gloo's threads while holding the GIL that a
+        thread finishing its last work waits for, and the process hangs (seen once after a two-process run; py-spy
+        showed `~ProcessGroupGloo` under `Reducer` dealloc; pytorch/pytorch#56297)."""
+        self.accelerator.wait_for_everyone()
+        self.model = self.loader = None
+        self.optimizers, self.schedulers = [], []
+        self.accelerator.free_memory()  # the accelerator's own references
+        gc.collect()  # the wrapper and its hooks may form cycles: collected now, while the process group lives
+        self.accelerator.end_training()
 
     def train(self, bar: ProgressBar) -> bool:
         """Optimizer steps up to the planned end; True when the time budget ended them first. A stop signal ends

@@ -19,6 +19,7 @@ from conftest import (
     assert_ok,
     run_training_script,
     run_without_package,
+    tiny_config,
 )
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -351,3 +352,26 @@ def test_loss_curve_labels_each_validation_point(tmp_path):
     save_loss_curve(history, tmp_path / "curve.svg")
     drawing = (tmp_path / "curve.svg").read_text()
     assert all(value in drawing for value in ("5.250", "4.500", "4.125", "3.875")) and "validation" in drawing
+
+
+def test_closing_lets_go_of_the_prepared_model_before_the_process_group(tmp_path, monkeypatch):
+    """DDP's reducer can hold the last reference to gloo's process group; freed after the group is destroyed it
+    deadlocks on the GIL (TrainingLoop.close). So by the time end_training() runs, the prepared model is gone."""
+    import weakref
+
+    from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
+    from gpt2_scratch.pretraining import collate_blocks
+    from gpt2_scratch.training import TrainingLoop, make_accelerator
+
+    args = build_parser().parse_args(["--output_dir", str(tmp_path), "--max_steps", "1", "--logging_steps", "1",
+                                      "--per_device_train_batch_size", "2"])
+    accelerator = make_accelerator(args)
+    blocks = [{"input_ids": torch.randint(0, 320, (16,))} for _ in range(4)]
+    loop = TrainingLoop(accelerator, args, GPT2ScratchForCausalLM(tiny_config()), blocks, collate_blocks,
+                        lambda model: {"eval/loss": 0.0})
+    loop.run()
+    prepared = weakref.ref(loop.model)
+    alive_at_the_end = []
+    monkeypatch.setattr(accelerator, "end_training", lambda: alive_at_the_end.append(prepared() is not None))
+    loop.close()
+    assert alive_at_the_end == [False]
