@@ -242,16 +242,20 @@ KERNELS = {"vector": (torch.ops.mkldnn, "_linear_pointwise"), "linear": (torch.n
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernel is one of the candidates")
 @pytest.mark.parametrize("fastest", KERNELS)
-def test_one_fp32_row_takes_the_kernel_measured_fastest(fastest, monkeypatch):
-    """Which one-row kernel is faster depends on the CPU, so the layout measures: with the other held back by 2 ms a
-    call, each kernel wins in turn; the verdict is kept for the process (a new layout does not measure again)."""
+def test_one_fp32_row_takes_the_kernel_measured_fastest(fastest, monkeypatch, request):
+    """Which one-row kernel is faster depends on the CPU, so the layout measures: with the other held back by 10 ms a
+    call, each kernel wins in turn; the verdict is kept for the process (a new layout does not measure again). One
+    thread: under make test's load, a 2-thread oneDNN call can wait a scheduler slice for its second thread."""
     monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     calls = []
 
     def held_back(kernel):
         def slower(*args):
             calls.append(1)
-            time.sleep(0.002)
+            time.sleep(0.01)
             return kernel(*args)
         return slower
 
