@@ -316,13 +316,13 @@ def ctranslate2_workers(ours: GPT2ScratchForCausalLM, vocab_size: int, threads: 
     ours.save_pretrained(folder / "ours")
     word_level_tokenizer(vocab_size).save_pretrained(folder / "ours")
     convert_directory(folder / "ours", folder / "stock", to_stock=True)
-    connections = {}
+    connections, spawn = {}, multiprocessing.get_context("spawn")
     for compute_type in ("float32", "int8"):
         out = folder / f"ct2_{compute_type}"
         TransformersConverter(str(folder / "stock")).convert(str(out), quantization=compute_type)
         label = "fp32" if compute_type == "float32" else "int8"
-        ours_end, worker_end = multiprocessing.get_context("spawn").Pipe()
-        multiprocessing.get_context("spawn").Process(
+        ours_end, worker_end = spawn.Pipe()
+        spawn.Process(
             target=ctranslate2_worker, args=(str(out), compute_type, threads, worker_end), daemon=True
         ).start()
         connections[f"CTranslate2 {label}"] = ours_end

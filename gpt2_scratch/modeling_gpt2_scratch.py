@@ -250,7 +250,7 @@ class DecodeMatmul:
             return
         weight = self.fused([layer.weight for layer in layers])
         self.bias = None if layers[0].bias is None else self.fused([layer.bias for layer in layers])
-        onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        onednn = self.onednn()
         bf16_onednn = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         if weight.dtype == torch.float32 and (onednn or kind == "linear"):
             self.kind = kind
@@ -263,6 +263,11 @@ class DecodeMatmul:
         # Memory beyond the parameters themselves: a fused or prepacked weight is a copy, a fused bias too.
         copies = ([weight] if len(layers) > 1 or prepacked else []) + ([self.bias] if len(layers) > 1 else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
+
+    @staticmethod
+    def onednn() -> bool:
+        """Whether this PyTorch has oneDNN and it is switched on."""
+        return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
     @staticmethod
     def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -358,8 +363,7 @@ class DecodeLayout:
         key = (tuple(tuple(layer.weight.shape) for layers in groups for layer in layers), torch.get_num_threads())
         if key in cls.one_row_kernels:
             return [DecodeMatmul(layers, cls.one_row_kernels[key]) for layers in groups]
-        onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        if not onednn:
+        if not DecodeMatmul.onednn():
             return [DecodeMatmul(layers, "linear") for layers in groups]
         kinds = ("vector", "linear")
         candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in kinds}
