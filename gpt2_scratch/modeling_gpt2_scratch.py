@@ -237,15 +237,16 @@ class DecodeMatmul:
       matrix-vector product on the same;
     - "linear" also for bfloat16 otherwise (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on
       CPUs without bf16 instructions);
-    - "reduction": a compiled one-row step (see `DecodeLayout.for_compiled_step`): no copies, the layers' own weights
-      read at each call, each product written as a multiply-and-sum over the input features, which inductor turns
-      into one loop streaming the weight (its own `decompose_mm` pass does the same for small one-row products).
-      Run eagerly, it would materialise every product: it is only ever traced.
+    - for a compiled one-row step (see `DecodeLayout.for_compiled_step`), no copies: the layers' own weights, read at
+      each call, one product per layer. "linears": each layer's F.linear, which inductor leaves to BLAS's
+      matrix-vector product. "reduction": each product written as a multiply-and-sum over the input features, which
+      inductor turns into one loop streaming the weight (its own `decompose_mm` pass does the same for small one-row
+      products); run eagerly, it would materialise every product: it is only ever traced.
     """
 
     def __init__(self, layers: list[nn.Linear], kind: str) -> None:
         self.in_features = layers[0].in_features
-        if kind == "reduction":  # nothing derived: the parameters themselves, read when the step runs
+        if kind in ("reduction", "linears"):  # nothing derived: the parameters themselves, read when the step runs
             self.kind, self.layers, self.weight, self.bias, self.nbytes = kind, layers, None, None, 0
             return
         weight = self.fused([layer.weight for layer in layers])
@@ -275,6 +276,9 @@ class DecodeMatmul:
         return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linears":
+            products = [F.linear(x, layer.weight, layer.bias) for layer in self.layers]
+            return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "reduction":
             # A no-op view, except that inductor must write x to memory for it: otherwise it recomputes x's last
             # norm or GELU inside the loop, once per output row (bf16's tied head ran at half speed that way).
@@ -339,7 +343,7 @@ class DecodeLayout:
     def __init__(self, model: GPT2ScratchForCausalLM, rows: int, kind: str | None = None) -> None:
         self.kind = kind or self.kind_for(rows)
         # (a compiled step's layout holds no copies, and data pointers cannot be traced: nothing to fingerprint)
-        self.sources = [] if self.kind == "reduction" else self.fingerprint(model)
+        self.sources = [] if self.kind in ("reduction", "linears") else self.fingerprint(model)
         groups = self.matmul_layers(model)
         if self.kind == "vector" and model.out_head.weight.dtype == torch.float32:
             matmuls = self.fastest_one_row_matmuls(groups)
@@ -381,11 +385,16 @@ class DecodeLayout:
 
     @classmethod
     def for_compiled_step(cls, model: GPT2ScratchForCausalLM) -> DecodeLayout:
-        """The layout a compiled one-row decode step traces: products written as reductions over the parameters
-        themselves (kind "reduction"), so the compiled step reads the weights as they are when it runs (optimizer
-        steps included) and nothing is built or kept. Several rows keep the modules' linears: inductor's loop for
-        a batched reduction re-reads the weights for every row."""
-        return cls(model, 1, kind="reduction")
+        """The layout a compiled one-row decode step traces: products over the parameters themselves, so the compiled
+        step reads the weights as they are when it runs (optimizer steps included) and nothing is built or kept.
+        In float32, where BLAS's matrix-vector product measured fastest for the eager step (the one-row layout the
+        eager prefill built: `fastest_one_row_matmuls`), the step calls it ("linears": an Intel Xeon, docs/speed.md);
+        otherwise inductor's own loop ("reduction": where oneDNN won, and in bfloat16). Several rows keep the
+        modules' linears: inductor's loop for a batched reduction re-reads the weights for every row."""
+        measured = model._decode_layout
+        blas = (model.out_head.weight.dtype == torch.float32 and measured is not None and measured.kind == "vector"
+                and measured.head.kind == "linear")
+        return cls(model, 1, kind="linears" if blas else "reduction")
 
     @classmethod
     def matmul_layers(cls, model: GPT2ScratchForCausalLM) -> list[list[nn.Linear]]:

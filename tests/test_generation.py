@@ -95,7 +95,14 @@ def test_a_boolean_4d_mask_is_used_as_given_and_other_masks_are_refused():
             model(ids, attention_mask=mask[None])
 
 
-def test_static_cache_decode_step_compiles_with_fullgraph_and_keeps_the_tokens():
+@pytest.fixture
+def fresh_dynamo() -> None:
+    """Every compiled test traces new models through the same code object (nn.Module's __call__): start from empty
+    caches, so dynamo's recompile limit (8 per code object) counts this test's compiles alone."""
+    torch._dynamo.reset()
+
+
+def test_static_cache_decode_step_compiles_with_fullgraph_and_keeps_the_tokens(fresh_dynamo):
     """transformers' compiled generation: static cache, the decode step under torch.compile(fullgraph=True).
 
     The backend records each captured graph and runs it as captured: fullgraph=True raises on any graph break, so
@@ -130,17 +137,32 @@ def randomize_biases(model: GPT2ScratchForCausalLM) -> None:
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
 
 
-def test_a_compiled_one_row_step_multiplies_the_parameters_themselves_as_reductions():
-    """One row per step compiled (static cache + compile): every product is traced as a multiply-and-sum over the
-    parameters themselves (DecodeMatmul kind "reduction"), no linear left; run as captured it gives the dynamic
-    cache's tokens, and after an optimizer step the same compiled step follows the new weights (nothing was copied).
+def measured_one_row_kernel(monkeypatch, kernel: str) -> None:
+    """Make the eager one-row layout's measurement pick `kernel` ("vector": oneDNN's linear, "linear": F.linear)."""
+    monkeypatch.setattr(DecodeLayout, "fastest_one_row_matmuls",
+                        classmethod(lambda cls, groups: [DecodeMatmul(layers, kernel) for layers in groups]))
+
+
+@pytest.mark.parametrize(("one_row_kernel", "dtype", "step_kind"), [
+    ("vector", torch.float32, "reduction"),
+    ("linear", torch.float32, "linears"),
+    ("linear", torch.bfloat16, "reduction"),
+])
+def test_a_compiled_one_row_step_multiplies_the_parameters_themselves(one_row_kernel, dtype, step_kind, monkeypatch,
+                                                                     fresh_dynamo):
+    """One row per step compiled (static cache + compile): every product is traced over the parameters themselves,
+    as F.linear per layer where BLAS measured fastest for the eager step in float32 (DecodeMatmul kind "linears"),
+    else as a multiply-and-sum (kind "reduction", no linear left); run as captured it gives the dynamic cache's
+    tokens, and after an optimizer step the same compiled step follows the new weights (nothing was copied).
     Several rows keep the modules' linears."""
-    model = tiny_model(qkv_bias=True)
+    measured_one_row_kernel(monkeypatch, one_row_kernel)
+    model = tiny_model(qkv_bias=True).to(dtype)
     randomize_biases(model)
-    graphs = []
+    graphs, inputs = [], []
 
     def recording_backend(graph_module, example_inputs):
         graphs.append(graph_module)
+        inputs.append(example_inputs)
         return graph_module.forward
 
     prompt = left_padded_batch()[0][1:2]  # one row, no padding
@@ -153,9 +175,18 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves_as_reducti
     before, compiled = dynamic_and_compiled()
     assert torch.equal(before, compiled)
     step = graphs[-1].graph.nodes
-    assert not [node for node in step if "linear" in str(node.target)]
-    # one realized input per product: the fused query/key/value, out_proj, both feed-forward layers, and the head
-    assert sum(node.target == "as_strided" for node in step) == 4 * model.config.n_layers + 1
+    linears = [node for node in step if "linear" in str(node.target)]
+    if step_kind == "linears":  # one per layer (query, key and value apart: no fused copy) and the head
+        assert len(linears) == 6 * model.config.n_layers + 1
+        assert not [node for node in step if node.target == "as_strided"]
+        # each multiplies a graph input that is the parameter itself
+        placeholders = dict(zip([node for node in step if node.op == "placeholder"], inputs[-1]))
+        parameters = {id(p) for p in model.parameters()}
+        assert all(id(placeholders.get(node.args[1])) in parameters for node in linears)
+    else:  # one realized input per product: the fused query/key/value, out_proj, both feed-forward layers, the head
+        assert not linears
+        assert sum(node.target == "as_strided" for node in step) == 4 * model.config.n_layers + 1
+    assert len(graphs) == 1
 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -164,6 +195,7 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves_as_reducti
     model.eval()
     after, compiled = dynamic_and_compiled()
     assert torch.equal(after, compiled) and not torch.equal(after, before)
+    assert len(graphs) == 1  # the same compiled step, reading the new weights
 
     ids, mask = left_padded_batch()
     model.generate(ids, attention_mask=mask, cache_implementation="static",
@@ -171,9 +203,11 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves_as_reducti
     assert [node for node in graphs[-1].graph.nodes if "linear" in str(node.target)]
 
 
-def test_inductor_compiles_the_one_row_step_to_the_same_tokens():
-    """The real compiler (inductor's generated C++ for the reductions, the fast path docs/speed.md measures), on the
-    smallest model: the tokens of the dynamic cache's eager step."""
+@pytest.mark.parametrize("one_row_kernel", ["vector", "linear"])
+def test_inductor_compiles_the_one_row_step_to_the_same_tokens(one_row_kernel, monkeypatch, fresh_dynamo):
+    """The real compiler (inductor's generated C++ for the reductions, or its calls to BLAS: the fast paths
+    docs/speed.md measures), on the smallest model: the tokens of the dynamic cache's eager step."""
+    measured_one_row_kernel(monkeypatch, one_row_kernel)
     model = tiny_model(n_layers=1, qkv_bias=True)
     randomize_biases(model)
     prompt = left_padded_batch()[0][1:2]
