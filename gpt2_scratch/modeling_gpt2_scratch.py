@@ -244,9 +244,12 @@ class DecodeMatmul:
       products); run eagerly, it would materialise every product: it is only ever traced.
     """
 
+    # the kinds of a compiled one-row step: nothing derived, so nothing to fingerprint
+    on_parameters = ("reduction", "linears")
+
     def __init__(self, layers: list[nn.Linear], kind: str) -> None:
         self.in_features = layers[0].in_features
-        if kind in ("reduction", "linears"):  # nothing derived: the parameters themselves, read when the step runs
+        if kind in self.on_parameters:  # nothing derived: the parameters themselves, read when the step runs
             self.kind, self.layers, self.weight, self.bias, self.nbytes = kind, layers, None, None, 0
             return
         weight = self.fused([layer.weight for layer in layers])
@@ -276,16 +279,16 @@ class DecodeMatmul:
         return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linears":
-            products = [F.linear(x, layer.weight, layer.bias) for layer in self.layers]
-            return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
-        if self.kind == "reduction":
-            # A no-op view, except that inductor must write x to memory for it: otherwise it recomputes x's last
-            # norm or GELU inside the loop, once per output row (bf16's tied head ran at half speed that way).
-            x = x.as_strided(x.shape, x.stride())
-            products = [(x.unsqueeze(-2) * layer.weight).sum(-1) for layer in self.layers]
-            if self.layers[0].bias is not None:
-                products = [product + layer.bias for product, layer in zip(products, self.layers)]
+        if self.kind in self.on_parameters:
+            if self.kind == "linears":
+                products = [F.linear(x, layer.weight, layer.bias) for layer in self.layers]
+            else:
+                # A no-op view, except that inductor must write x to memory for it: otherwise it recomputes x's last
+                # norm or GELU inside the loop, once per output row (bf16's tied head ran at half speed that way).
+                x = x.as_strided(x.shape, x.stride())
+                products = [(x.unsqueeze(-2) * layer.weight).sum(-1) for layer in self.layers]
+                if self.layers[0].bias is not None:
+                    products = [product + layer.bias for product, layer in zip(products, self.layers)]
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
@@ -343,7 +346,7 @@ class DecodeLayout:
     def __init__(self, model: GPT2ScratchForCausalLM, rows: int, kind: str | None = None) -> None:
         self.kind = kind or self.kind_for(rows)
         # (a compiled step's layout holds no copies, and data pointers cannot be traced: nothing to fingerprint)
-        self.sources = [] if self.kind in ("reduction", "linears") else self.fingerprint(model)
+        self.sources = [] if self.kind in DecodeMatmul.on_parameters else self.fingerprint(model)
         groups = self.matmul_layers(model)
         if self.kind == "vector" and model.out_head.weight.dtype == torch.float32:
             matmuls = self.fastest_one_row_matmuls(groups)
