@@ -232,6 +232,9 @@ class DecodeMatmul:
 
     - "prepacked": several rows times a copy of the weights oneDNN reorders ("prepacks") for 8 rows (float32, and
       bfloat16 on CPUs with bf16 instructions);
+    - "widened": several bfloat16 rows on CPUs without bf16 instructions, where bf16 matmuls are emulated and
+      compute-bound: the float32 prepacked kernel on the weights widened to float32 (exact), the rows widened and
+      the products rounded back to bfloat16 — what a bf16 matmul computes (float32 sums), at float32's speed;
     - for one float32 row, whichever of these two measures faster on this CPU: "vector", oneDNN's linear on the
       weights as they are (oneDNN's preferred layout for a matrix-vector product), or "linear", F.linear's BLAS
       matrix-vector product on the same;
@@ -258,14 +261,18 @@ class DecodeMatmul:
         bf16_onednn = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         if weight.dtype == torch.float32 and (onednn or kind == "linear"):
             self.kind = kind
-        elif bf16_onednn and weight.dtype == torch.bfloat16 and kind == "prepacked":
-            self.kind = kind
+        elif onednn and weight.dtype == torch.bfloat16 and kind == "prepacked":
+            self.kind = kind if bf16_onednn else "widened"
         else:
             self.kind = "linear"
-        prepacked = self.kind == "prepacked"
+        if self.kind == "widened":
+            weight, self.bias = weight.float(), None if self.bias is None else self.bias.float()
+        prepacked = self.kind in ("prepacked", "widened")
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if prepacked else weight
-        # Memory beyond the parameters themselves: a fused or prepacked weight is a copy, a fused bias too.
-        copies = ([weight] if len(layers) > 1 or prepacked else []) + ([self.bias] if len(layers) > 1 else [])
+        # Memory beyond the parameters themselves: a fused, prepacked or widened weight is a copy, a fused or widened
+        # bias too.
+        copies = ([weight] if len(layers) > 1 or prepacked else []) + (
+            [self.bias] if len(layers) > 1 or self.kind == "widened" else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @staticmethod
@@ -292,6 +299,8 @@ class DecodeMatmul:
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
+        if self.kind == "widened":
+            return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight, self.bias, "none", [], "").to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 

@@ -306,14 +306,22 @@ def test_one_fp32_row_takes_the_kernel_measured_fastest(fastest, monkeypatch, re
 
 
 def test_decode_layout_in_bfloat16_gives_the_plain_logits():
-    """bf16: fused query/key/value everywhere, and oneDNN's prepacked bf16 linear where the CPU has bf16 instructions
-    (which may sum in another order: the logits agree to bf16's precision, not bit for bit)."""
+    """bf16: fused query/key/value everywhere; for several rows oneDNN's prepacked bf16 linear where the CPU has bf16
+    instructions, else its float32 one on widened weights (either may sum in another order: the logits agree to
+    bf16's precision, not bit for bit)."""
     model = tiny_model().to(torch.bfloat16)
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)
     fast = model.generate(ids, **kwargs).logits[0]
-    assert model._decode_layout is not None
+    layout = model._decode_layout
+    several = ("prepacked" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "widened") if DecodeMatmul.onednn() \
+        else "linear"
+    assert {matmul.kind for matmul in layout.matmuls()} == {several}
+    if several == "widened":  # a float32 copy of every matmul weight, the tied head included
+        weights = [layer.weight for group in DecodeLayout.matmul_layers(model) for layer in group]
+        assert layout.nbytes() >= sum(w.numel() * 4 for w in weights)
+        assert all(matmul.weight.dtype == torch.float32 for matmul in layout.matmuls())
     model.fast_decoding = False
     plain = model.generate(ids, **kwargs).logits[0]
     torch.testing.assert_close(fast, plain, atol=0.05, rtol=0.02)
