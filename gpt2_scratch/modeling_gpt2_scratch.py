@@ -265,14 +265,14 @@ class DecodeMatmul:
             self.kind = kind if bf16_onednn else "widened"
         else:
             self.kind = "linear"
-        if self.kind == "widened":
+        fused, widened = len(layers) > 1, self.kind == "widened"
+        if widened:
             weight, self.bias = weight.float(), None if self.bias is None else self.bias.float()
         prepacked = self.kind in ("prepacked", "widened")
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if prepacked else weight
-        # Memory beyond the parameters themselves: a fused, prepacked or widened weight is a copy, a fused or widened
-        # bias too.
-        copies = ([weight] if len(layers) > 1 or prepacked else []) + (
-            [self.bias] if len(layers) > 1 or self.kind == "widened" else [])
+        # Memory beyond the parameters themselves: a fused, prepacked or widened weight is a copy; so is a fused or
+        # widened bias.
+        copies = ([weight] if fused or prepacked else []) + ([self.bias] if fused or widened else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @staticmethod
@@ -299,9 +299,9 @@ class DecodeMatmul:
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
-        if self.kind == "widened":
-            return torch.ops.mkldnn._linear_pointwise(x.float(), self.weight, self.bias, "none", [], "").to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        # oneDNN multiplies in the weight's dtype (a no-op cast, except for "widened": bf16 rows to float32 and back)
+        product = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [], "")
+        return product.to(x.dtype)
 
 
 class GrowingLayer(DynamicLayer):
