@@ -60,10 +60,11 @@ def matmul_flops(dtype: torch.dtype, size: int = 1024) -> float:
 def layout_table(repeats: int) -> None:
     """Why the decode layout uses oneDNN, and where its kernel stops: one step's matmuls (12 gpt2-small blocks and
     the tied head, 475 MiB in fp32) through F.linear on nn.Linear's (out × in) weights, `x @ W` on (in × out) copies
-    (transformers' Conv1D layout), and oneDNN's linear (the weights as they are; for several rows also prepacked for
-    8, as the decode layout multiplies them); bf16 F.linear beside. Then, per weight shape, the GB/s each one-row
-    product streams against a plain read of the same weights (`sum()`): oneDNN's linear and inductor's code for the
-    same product written as a reduction."""
+    (transformers' Conv1D layout), and oneDNN's linear (the weights as they are; on the (in × out) copies, which it
+    multiplies with its sgemm kernel; for several rows also prepacked for 8, as the decode layout multiplies them);
+    bf16 F.linear beside. Then, per weight shape, the GB/s each one-row product streams against a plain read of the
+    same weights (`sum()`): oneDNN's linear on either layout and inductor's code for the same product written as a
+    reduction."""
     shapes = [(3 * 768, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
     weights = [torch.randn(out_features, in_features) * 0.02 for out_features, in_features in shapes]
     print("one decode step's matmuls, weights read from memory (ms per step, best of repeats)")
@@ -74,11 +75,14 @@ def layout_table(repeats: int) -> None:
     reduction = torch.compile(lambda x, weight: (weight * x).sum(1), dynamic=False)
     for shape in dict.fromkeys(shapes):
         group = [w for w in weights if w.shape == shape]
+        transposed = [w.t().contiguous().t() for w in group]
         x = torch.randn(1, shape[1])
         reduction(x, group[0])
         runs = {
             "oneDNN linear": lambda g=group, x=x: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                                                    for w in g],
+            "oneDNN, (in x out) copy": lambda g=transposed, x=x: [
+                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in g],
             "compiled reduction": lambda g=group, x=x: [reduction(x, w) for w in g],
             "sum() (a plain read)": lambda g=group: [w.sum() for w in g],
         }
@@ -97,6 +101,7 @@ def step_matmul_seconds(weights: list[torch.Tensor], batch: int, repeats: int) -
         "fp32 F.linear(x, W)": lambda: [F.linear(a, w) for a, w in zip(xs, weights)],
         "fp32 x @ W_t": lambda: [a @ w for a, w in zip(xs, in_out)],
         "fp32 oneDNN": lambda: [linear(a, w, None, "none", [], "") for a, w in zip(xs, weights)],
+        "fp32 oneDNN on W_t": lambda: [linear(a, w.t(), None, "none", [], "") for a, w in zip(xs, in_out)],
         "bf16 F.linear(x, W)": lambda: [F.linear(a.to(torch.bfloat16), w) for a, w in zip(xs, bf16)],
     }
     if batch > 1:
@@ -244,10 +249,14 @@ def main() -> None:
     sizes = ", ".join(f"{name} {memory[name, 1]:.0f} / {memory[name, 8]:.0f}" for name in ("fp32", "bf16"))
     print(f"decode layout memory (MiB) for one row / several: {sizes} (beside {params * 4 / 2**20:.0f} MiB of fp32 "
           "weights; built by generate(), freed with fast_decoding=False)")
-    kernels = {"vector": ("oneDNN's linear", "inductor's reduction loop"), "linear": ("F.linear (BLAS)", "BLAS")}
-    eager, compiled = kernels[ours.decode_layout(1).head.kind]
-    print(f"one fp32 row: {eager}, measured faster here when the layout was built; a compiled one-row step calls "
-          f"{compiled} (bf16: inductor's reduction loop)\n")
+    kernels = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)", "transposed": "oneDNN on an (in x out) copy"}
+    one_row = {}  # weight shape -> the kernel measured fastest for it
+    for matmul in ours.decode_layout(1).matmuls():
+        one_row.setdefault(f"{tuple(matmul.weight.shape)}", kernels[matmul.kind])
+    compiled = "BLAS" if ours.decode_layout(1).head.kind == "linear" else "inductor's reduction loop"
+    print("one fp32 row, the kernel measured fastest here per weight shape: "
+          + "; ".join(f"{shape} {kernel}" for shape, kernel in one_row.items())
+          + f"\na compiled one-row step calls {compiled} (bf16: inductor's reduction loop)\n")
 
     workers = {} if args.no_ctranslate2 else ctranslate2_workers(ours, small.vocab_size, args.threads)
     plain = copy.deepcopy(ours)

@@ -235,9 +235,10 @@ class DecodeMatmul:
     - "widened": several bfloat16 rows on CPUs without bf16 instructions, where bf16 matmuls are emulated and
       compute-bound: the float32 prepacked kernel on the weights widened to float32 (exact), the rows widened and
       the products rounded back to bfloat16 — what a bf16 matmul computes (float32 sums), at float32's speed;
-    - for one float32 row, whichever of these two measures faster on this CPU: "vector", oneDNN's linear on the
-      weights as they are (oneDNN's preferred layout for a matrix-vector product), or "linear", F.linear's BLAS
-      matrix-vector product on the same;
+    - for one float32 row, whichever of these three measures fastest on this CPU for the weight's shape: "vector",
+      oneDNN's linear on the weights as they are; "linear", F.linear's BLAS matrix-vector product on the same; or
+      "transposed", oneDNN's linear on an (in × out) copy, which oneDNN multiplies with its sgemm matrix-vector kernel
+      (the one CTranslate2 calls) instead of the kernel it picks for (out × in) weights;
     - "linear" also for bfloat16 otherwise (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on
       CPUs without bf16 instructions);
     - for a compiled one-row step (see `DecodeLayout.for_compiled_step`), no copies: the layers' own weights, read at
@@ -268,11 +269,14 @@ class DecodeMatmul:
         fused, widened = len(layers) > 1, self.kind == "widened"
         if widened:
             weight, self.bias = weight.float(), None if self.bias is None else self.bias.float()
-        prepacked = self.kind in ("prepacked", "widened")
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if prepacked else weight
-        # Memory beyond the parameters themselves: a fused, prepacked or widened weight is a copy; so is a fused or
-        # widened bias.
-        copies = ([weight] if fused or prepacked else []) + ([self.bias] if fused or widened else [])
+        prepacked, transposed = self.kind in ("prepacked", "widened"), self.kind == "transposed"
+        if prepacked:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+        else:  # oneDNN reads the strides: the transposed copy, seen as (out × in), is an (in × out) matrix to it
+            self.weight = weight.t().contiguous().t() if transposed else weight
+        # Memory beyond the parameters themselves: a fused, prepacked, widened or transposed weight is a copy; so is a
+        # fused or widened bias.
+        copies = ([weight] if fused or prepacked or transposed else []) + ([self.bias] if fused or widened else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @staticmethod
@@ -366,34 +370,54 @@ class DecodeLayout:
         self.blocks = [(block, *matmuls[i * per_block:(i + 1) * per_block])
                        for i, block in enumerate(model.transformer.trf_blocks)]
 
-    # The faster one-row float32 kernel, measured once per process for each set of weight shapes and thread count.
-    one_row_kernels: dict[tuple, str] = {}
+    # The fastest one-row float32 kernel for each weight shape, measured once per process for each model shape and
+    # thread count.
+    one_row_kernels: dict[tuple, dict[tuple, str]] = {}
+    one_row_kinds = ("vector", "linear", "transposed")
+    copy_margin = 1.1  # a kernel that needs more memory (a transposed copy) must be this much faster to be chosen
 
     @classmethod
     def fastest_one_row_matmuls(cls, groups: list[list[nn.Linear]]) -> list[DecodeMatmul]:
-        """The step's matmuls through the kernel ("vector": oneDNN's linear, "linear": F.linear's BLAS) that
-        multiplies one float32 row by these weights faster on this CPU. Measured, not assumed: the answer differs by
-        CPU (oneDNN's by 1.5x on an AMD EPYC, about even on an Intel Xeon: docs/speed.md). Timed taking turns over all
-        the step's weights in a step's order, so caches hold what they would in generate(); once per process (~0.2 s
-        for gpt2-small)."""
-        key = (tuple(tuple(layer.weight.shape) for layers in groups for layer in layers), torch.get_num_threads())
+        """The step's matmuls, each through the kernel ("vector", "linear" or "transposed": `DecodeMatmul`) that
+        multiplies one float32 row by weights of its shape fastest on this CPU. Measured, not assumed: the answer
+        differs by CPU and shape (oneDNN's by 1.5x over BLAS on an AMD EPYC, about even on an Intel Xeon; the
+        transposed copy by 1.25x for the tied head on a Zen 3 EPYC: docs/speed.md). Timed taking turns over all the
+        step's weights in a step's order, so caches hold what they would in generate(); once per process (~1 s for
+        gpt2-small, most of it making the transposed copies, all held until the verdict)."""
+        shapes = [cls.shape_of(layers) for layers in groups]
+        key = (tuple(shapes), torch.get_num_threads())
         if key in cls.one_row_kernels:
-            return [DecodeMatmul(layers, cls.one_row_kernels[key]) for layers in groups]
+            return [DecodeMatmul(layers, cls.one_row_kernels[key][shape]) for layers, shape in zip(groups, shapes)]
         if not DecodeMatmul.onednn():
             return [DecodeMatmul(layers, "linear") for layers in groups]
-        kinds = ("vector", "linear")
-        candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in kinds}
+        candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in cls.one_row_kinds}
         rows = [torch.randn(1, layers[0].in_features) for layers in groups]
-        seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+        seconds = {(kind, shape): [0.0] * 4 for kind in cls.one_row_kinds for shape in shapes}
         with torch.no_grad():
-            for _ in range(4):  # taking turns; the first round only warms each kernel up
+            for turn in range(4):  # taking turns; the first round only warms each kernel up
                 for kind, matmuls in candidates.items():
-                    start = time.perf_counter()
-                    for matmul, x in zip(matmuls, rows):
+                    for matmul, x, shape in zip(matmuls, rows, shapes):
+                        start = time.perf_counter()
                         matmul(x)
-                    seconds[kind].append(time.perf_counter() - start)
-        cls.one_row_kernels[key] = min(kinds, key=lambda kind: min(seconds[kind][1:]))
-        return candidates[cls.one_row_kernels[key]]
+                        seconds[kind, shape][turn] += time.perf_counter() - start
+        chosen = {}
+        for shape in dict.fromkeys(shapes):
+            nbytes = {kind: sum(m.nbytes for m, s in zip(candidates[kind], shapes) if s == shape)
+                      for kind in cls.one_row_kinds}
+            chosen[shape] = cls.pick_one_row_kernel({kind: min(seconds[kind, shape][1:]) for kind in nbytes}, nbytes)
+        cls.one_row_kernels[key] = chosen
+        return [candidates[chosen[shape]][i] for i, shape in enumerate(shapes)]
+
+    @classmethod
+    def pick_one_row_kernel(cls, seconds: dict[str, float], nbytes: dict[str, int]) -> str:
+        """The fastest kind, a kind that holds more memory than another counted `copy_margin` times slower."""
+        least = min(nbytes.values())
+        return min(seconds, key=lambda kind: seconds[kind] * (cls.copy_margin if nbytes[kind] > least else 1))
+
+    @staticmethod
+    def shape_of(layers: list[nn.Linear]) -> tuple[int, int, int]:
+        """A matmul's layers as the measurement tells them apart: how many, output and input features."""
+        return len(layers), sum(layer.out_features for layer in layers), layers[0].in_features
 
     @classmethod
     def for_compiled_step(cls, model: GPT2ScratchForCausalLM) -> DecodeLayout:
@@ -422,7 +446,7 @@ class DecodeLayout:
 
     @staticmethod
     def kind_for(rows: int) -> str:
-        """One row is a matrix-vector product (through the kernel `fastest_one_row_matmuls` measures faster);
+        """One row is a matrix-vector product (through the kernels `fastest_one_row_matmuls` measures fastest);
         several rows are multiplied by oneDNN's prepacked weights."""
         return "vector" if rows == 1 else "prepacked"
 

@@ -138,7 +138,7 @@ def randomize_biases(model: GPT2ScratchForCausalLM) -> None:
 
 
 def measured_one_row_kernel(monkeypatch, kernel: str) -> None:
-    """Make the eager one-row layout's measurement pick `kernel` ("vector": oneDNN's linear, "linear": F.linear)."""
+    """Make the eager one-row layout's measurement pick `kernel` (`DecodeLayout.one_row_kinds`) for every shape."""
     monkeypatch.setattr(DecodeLayout, "fastest_one_row_matmuls",
                         classmethod(lambda cls, groups: [DecodeMatmul(layers, kernel) for layers in groups]))
 
@@ -246,7 +246,8 @@ def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -
 
 
 @pytest.mark.parametrize(("rows", "kind", "one_row_kernel"), [
-    (1, "vector", "vector"), (1, "vector", "linear"), (3, "prepacked", None), (6, "prepacked", None),
+    (1, "vector", "vector"), (1, "vector", "linear"), (1, "vector", "transposed"), (3, "prepacked", None),
+    (6, "prepacked", None),
 ])
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind, one_row_kernel, monkeypatch):
@@ -271,38 +272,63 @@ def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind, one_row_
         assert torch.equal(logits, model(fast).logits)
 
 
-KERNELS = {"vector": (torch.ops.mkldnn, "_linear_pointwise"), "linear": (torch.nn.functional, "linear")}
+def one_row_kind_of_call(function, args) -> str:
+    """Which one-row kernel a call is: F.linear, or oneDNN's linear on weights as they are or on a transposed copy."""
+    if function == "linear":
+        return "linear"
+    return "vector" if args[1].is_contiguous() else "transposed"
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernel is one of the candidates")
-@pytest.mark.parametrize("fastest", KERNELS)
+@pytest.mark.parametrize("fastest", DecodeLayout.one_row_kinds)
 def test_one_fp32_row_takes_the_kernel_measured_fastest(fastest, monkeypatch, request):
-    """Which one-row kernel is faster depends on the CPU, so the layout measures: with the other held back by 10 ms a
-    call, each kernel wins in turn; the verdict is kept for the process (a new layout does not measure again). One
-    thread: under make test's load, a 2-thread oneDNN call can wait a scheduler slice for its second thread."""
+    """Which one-row kernel is fastest depends on the CPU and the weight's shape, so the layout measures: with the
+    others held back by 10 ms a call, each kernel wins in turn, for every shape; the verdict is kept for the process
+    (a new layout does not measure again). One thread: under make test's load, a 2-thread oneDNN call can wait a
+    scheduler slice for its second thread."""
     monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     calls = []
 
-    def held_back(kernel):
-        def slower(*args):
-            calls.append(1)
-            time.sleep(0.01)
-            return kernel(*args)
-        return slower
+    def held_back(owner, name):
+        kernel = getattr(owner, name)
 
-    for kind, (owner, name) in KERNELS.items():
-        if kind != fastest:
-            monkeypatch.setattr(owner, name, held_back(getattr(owner, name)))
+        def slower_unless_fastest(*args):
+            if one_row_kind_of_call(name, args) != fastest:
+                calls.append(1)
+                time.sleep(0.01)
+            return kernel(*args)
+        monkeypatch.setattr(owner, name, slower_unless_fastest)
+
+    held_back(torch.ops.mkldnn, "_linear_pointwise")
+    held_back(torch.nn.functional, "linear")
     model = tiny_model()
     layout = model.decode_layout(1)
-    assert list(DecodeLayout.one_row_kernels.values()) == [fastest]
+    [verdict] = DecodeLayout.one_row_kernels.values()
+    assert set(verdict.values()) == {fastest} and len(verdict) == 5  # QKV, out_proj, the two FeedForward, the head
     assert all(m.kind == fastest for m in layout.matmuls())
-    assert layout.nbytes() == model.config.n_layers * 3 * model.config.emb_dim**2 * 4  # the fused QKV copy alone
+    config = model.config
+    qkv = config.n_layers * 3 * config.emb_dim**2 * 4  # the fused query/key/value copy
+    every_weight = sum(layer.weight.numel() * 4 for group in DecodeLayout.matmul_layers(model) for layer in group)
+    assert layout.nbytes() == (every_weight if fastest == "transposed" else qkv)
     calls.clear()
     assert all(m.kind == fastest for m in DecodeLayout(tiny_model(), 1).matmuls()) and not calls
+
+
+def test_a_one_row_kernel_that_needs_a_copy_must_be_clearly_faster():
+    """A transposed copy costs memory: within `copy_margin` of a kernel on the weights as they are, it loses."""
+    nbytes = {"vector": 0, "linear": 0, "transposed": 100}
+    margin = DecodeLayout.copy_margin
+    assert DecodeLayout.pick_one_row_kernel({"vector": 1.0, "linear": 1.2, "transposed": 1.01 / margin},
+                                            nbytes) == "vector"
+    assert DecodeLayout.pick_one_row_kernel({"vector": 1.0, "linear": 1.2, "transposed": 0.99 / margin}, nbytes) \
+        == "transposed"
+    assert DecodeLayout.pick_one_row_kernel({"vector": 1.0, "linear": 0.9, "transposed": 0.85}, nbytes) == "linear"
+    # where every kind holds a copy (fused query/key/value), the fastest wins outright
+    assert DecodeLayout.pick_one_row_kernel({"vector": 1.0, "linear": 1.2, "transposed": 0.95},
+                                            dict.fromkeys(nbytes, 100)) == "transposed"
 
 
 def test_decode_layout_in_bfloat16_gives_the_plain_logits():
