@@ -423,10 +423,11 @@ class DecodeLayout:
     def for_compiled_step(cls, model: GPT2ScratchForCausalLM) -> DecodeLayout:
         """The layout a compiled one-row decode step traces: products over the parameters themselves, so the compiled
         step reads the weights as they are when it runs (optimizer steps included) and nothing is built or kept.
-        In float32, where BLAS's matrix-vector product measured fastest for the eager step (the one-row layout the
-        eager prefill built: `fastest_one_row_matmuls`), the step calls it ("linears": an Intel Xeon, docs/speed.md);
-        otherwise inductor's own loop ("reduction": where oneDNN won, and in bfloat16). Several rows keep the
-        modules' linears: inductor's loop for a batched reduction re-reads the weights for every row."""
+        In float32, where BLAS's matrix-vector product measured fastest for the head, the largest matmul, in the eager
+        step (the one-row layout the eager prefill built: `fastest_one_row_matmuls`), the step calls it ("linears": an
+        Intel Xeon, docs/speed.md); otherwise inductor's own loop ("reduction": where a oneDNN kernel won, and in
+        bfloat16). Several rows keep the modules' linears: inductor's loop for a batched reduction re-reads the
+        weights for every row."""
         measured = model._decode_layout
         blas = (model.out_head.weight.dtype == torch.float32 and measured is not None and measured.kind == "vector"
                 and measured.head.kind == "linear")
