@@ -406,10 +406,14 @@ def test_growing_layer_never_writes_into_what_it_returned():
     assert type(cache.layers[0]) is GrowingLayer
 
 
-def test_decode_layout_is_never_saved_and_follows_every_weight_change(tmp_path):
+@pytest.mark.parametrize(("rows", "one_row_kernel"), [(3, None), (1, "transposed")])
+def test_decode_layout_is_never_saved_and_follows_every_weight_change(rows, one_row_kernel, tmp_path, monkeypatch):
+    """Several rows (oneDNN's prepacked copies) and one row through transposed copies of every weight."""
+    if one_row_kernel:
+        measured_one_row_kernel(monkeypatch, one_row_kernel)
     model = tiny_model()
     keys = set(model.state_dict())
-    before, _ = generate_both_ways(model)
+    before, _ = generate_both_ways(model, rows)
     built = model._decode_layout
     assert set(model.state_dict()) == keys  # nothing derived joins the weights
     model.save_pretrained(tmp_path)
@@ -424,17 +428,17 @@ def test_decode_layout_is_never_saved_and_follows_every_weight_change(tmp_path):
     model(ids, labels=ids).loss.backward()
     optimizer.step()  # in place: every parameter's version counter moves
     model.eval()
-    assert not built.fits(model, 3) and model._decode_layout is built
-    after, plain = generate_both_ways(model)
+    assert not built.fits(model, rows) and model._decode_layout is built
+    after, plain = generate_both_ways(model, rows)
     assert torch.equal(after, plain) and not torch.equal(after, before)
     rebuilt = model._decode_layout
-    assert rebuilt is not built and rebuilt.fits(model, 3)
+    assert rebuilt is not built and rebuilt.fits(model, rows)
 
     with torch.no_grad():
         bias = model.transformer.trf_blocks[1].ff.layers[2].bias  # one tensor, edited by hand
         bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(3)) * 5)
-    assert not rebuilt.fits(model, 3)
-    edited, plain = generate_both_ways(model)
+    assert not rebuilt.fits(model, rows)
+    edited, plain = generate_both_ways(model, rows)
     assert torch.equal(edited, plain) and not torch.equal(edited, after)
     assert model._decode_layout is not rebuilt
 
