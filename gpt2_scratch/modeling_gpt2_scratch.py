@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -303,9 +304,26 @@ class DecodeMatmul:
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
-        # oneDNN multiplies in the weight's dtype (a no-op cast, except for "widened": bf16 rows to float32 and back)
-        product = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [], "")
-        return product.to(x.dtype)
+        # oneDNN multiplies in the weight's dtype: "widened" takes bf16 rows to float32 and rounds the products back
+        # (the casts only there: a no-op cast still costs a dispatch, ~100 a step)
+        widened = self.kind == "widened"
+        product = torch.ops.mkldnn._linear_pointwise(x.float() if widened else x, self.weight, self.bias, "none", [],
+                                                     "")
+        return product.to(x.dtype) if widened else product
+
+
+class DecodeBlock(NamedTuple):
+    """A TransformerBlock as a decode step runs it: its own norm, attention and GELU modules (looked up once, not
+    through nn.Module's attribute lookup every step), and its matmuls in the order a step runs them."""
+
+    norm1: LayerNorm
+    att: MultiHeadAttention
+    norm2: LayerNorm
+    gelu: nn.Module
+    qkv: DecodeMatmul
+    out_proj: DecodeMatmul
+    widen: DecodeMatmul
+    narrow: DecodeMatmul
 
 
 class GrowingLayer(DynamicLayer):
@@ -367,7 +385,8 @@ class DecodeLayout:
             matmuls = [DecodeMatmul(layers, self.kind) for layers in groups]
         self.head = matmuls.pop()
         per_block = len(matmuls) // len(model.transformer.trf_blocks)
-        self.blocks = [(block, *matmuls[i * per_block:(i + 1) * per_block])
+        self.blocks = [DecodeBlock(block.norm1, block.att, block.norm2, block.ff.layers[1],
+                                   *matmuls[i * per_block:(i + 1) * per_block])
                        for i, block in enumerate(model.transformer.trf_blocks)]
 
     # The fastest one-row float32 kernel for each weight shape, measured once per process for each model shape and
@@ -470,7 +489,7 @@ class DecodeLayout:
 
     def matmuls(self) -> list[DecodeMatmul]:
         """Every matmul of a step, in the order a step runs them."""
-        return [matmul for _, *block_matmuls in self.blocks for matmul in block_matmuls] + [self.head]
+        return [matmul for b in self.blocks for matmul in (b.qkv, b.out_proj, b.widen, b.narrow)] + [self.head]
 
     def run_blocks(self, x: torch.Tensor, allowed: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         """TransformerBlock.forward for every block in turn, through the decode matmuls: the same operations in the
@@ -479,14 +498,13 @@ class DecodeLayout:
         (`GrowingLayer`)."""
         if cache is not None:
             GrowingLayer.grow_in_place(cache)
-        for block, qkv, out_proj, widen, narrow in self.blocks:
-            att = block.att
-            queries, keys, values = map(att.split_heads, qkv(block.norm1(x)).chunk(3, dim=-1))
+        for norm1, att, norm2, gelu, qkv, out_proj, widen, narrow in self.blocks:
+            queries, keys, values = map(att.split_heads, qkv(norm1(x)).chunk(3, dim=-1))
             if cache is not None:
                 keys, values = cache.update(keys, values, att.layer_idx)
             context, _ = att.attend(queries, keys, values, allowed)
             x = x + out_proj(att.merge_heads(context))
-            x = x + narrow(block.ff.layers[1](widen(block.norm2(x))))
+            x = x + narrow(gelu(widen(norm2(x))))
         return x
 
 
