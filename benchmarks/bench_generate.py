@@ -250,10 +250,11 @@ def main() -> None:
     print(f"decode layout memory (MiB) for one row / several: {sizes} (beside {params * 4 / 2**20:.0f} MiB of fp32 "
           "weights; built by generate(), freed with fast_decoding=False)")
     kernels = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)", "transposed": "oneDNN on an (in x out) copy"}
+    one_row_layout = ours.decode_layout(1)
     one_row = {}  # weight shape -> the kernel measured fastest for it
-    for matmul in ours.decode_layout(1).matmuls():
+    for matmul in one_row_layout.matmuls():
         one_row.setdefault(f"{tuple(matmul.weight.shape)}", kernels[matmul.kind])
-    compiled = "BLAS" if ours.decode_layout(1).head.kind == "linear" else "inductor's reduction loop"
+    compiled = "BLAS" if one_row_layout.head.kind == "linear" else "inductor's reduction loop"
     print("one fp32 row, the kernel measured fastest here per weight shape: "
           + "; ".join(f"{shape} {kernel}" for shape, kernel in one_row.items())
           + f"\na compiled one-row step calls {compiled} (bf16: inductor's reduction loop)\n")

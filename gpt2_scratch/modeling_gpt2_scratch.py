@@ -307,8 +307,8 @@ class DecodeMatmul:
         # oneDNN multiplies in the weight's dtype: "widened" takes bf16 rows to float32 and rounds the products back
         # (the casts only there: a no-op cast still costs a dispatch, ~100 a step)
         widened = self.kind == "widened"
-        product = torch.ops.mkldnn._linear_pointwise(x.float() if widened else x, self.weight, self.bias, "none", [],
-                                                     "")
+        rows = x.float() if widened else x
+        product = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return product.to(x.dtype) if widened else product
 
 
