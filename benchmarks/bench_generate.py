@@ -9,7 +9,8 @@ length. Measured: ours fp32 (the readable modules alone, and through the decode 
 transformers fp32 and bf16 with the dynamic cache; ours and transformers, fp32 and bf16, with a static cache +
 torch.compile; CTranslate2 fp32 and int8 on the folder `gpt2-scratch convert --to-hf` writes, each in a worker
 process of its own; a read-bandwidth ceiling (every weight is read once per step).
-Prints tokens/s, ratios and % of that ceiling, the decode layout's memory, and a matmul bf16/fp32 throughput ratio.
+Prints tokens/s, ratios and % of that ceiling, the rate of a plain bf16 read, the decode layout's memory, and a matmul
+bf16/fp32 throughput ratio.
 Not a test: numbers depend on the machine and on what else runs on it.
 """
 
@@ -32,6 +33,7 @@ from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from gpt2_scratch.convert import config_to_hf, convert_directory, from_hf
+from gpt2_scratch.modeling_gpt2_scratch import DecodeMatmul
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -44,11 +46,18 @@ def best_seconds(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def read_bandwidth(megabytes: int = 1024) -> float:
-    """Bytes/s a reduction streams from memory: decoding one token must read every weight once, so this bounds it."""
-    data = torch.ones(megabytes * 2**20 // 4)
-    data.sum()
-    return data.numel() * 4 / best_seconds(data.sum, 5)
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict[torch.dtype, float]:
+    """Bytes/s a reduction streams from memory, fp32 and bf16 taking turns: decoding one token must read every weight
+    once, so this bounds it. In bf16 the reduction also widens every element as it reads, as PyTorch's bf16 matmuls
+    do."""
+    data = [torch.ones(megabytes * 2**20 // dtype.itemsize, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
+    best = [float("inf")] * len(data)
+    for _ in range(repeats + 1):  # the first round also warms up
+        for i, tensor in enumerate(data):
+            start = time.perf_counter()
+            tensor.sum()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return {tensor.dtype: megabytes * 2**20 / seconds for tensor, seconds in zip(data, best)}
 
 
 def matmul_flops(dtype: torch.dtype, size: int = 1024) -> float:
@@ -64,7 +73,10 @@ def layout_table(repeats: int) -> None:
     multiplies with its sgemm kernel; for several rows also prepacked for 8, as the decode layout multiplies them);
     bf16 F.linear beside. Then, per weight shape, the GB/s each one-row product streams against a plain read of the
     same weights (`sum()`): oneDNN's linear on either layout and inductor's code for the same product written as a
-    reduction."""
+    reduction, over the weight's rows in one block and in `DecodeMatmul.streams` blocks (the compiled step's, which
+    inductor fuses into one loop over that many rows at a time); and for the weights in bf16 (GB/s of bf16 bytes):
+    F.linear (PyTorch's bf16 matrix-vector product, the eager step's), inductor's reduction in the compiled step's
+    blocks and a plain bf16 read."""
     shapes = [(3 * 768, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
     weights = [torch.randn(out_features, in_features) * 0.02 for out_features, in_features in shapes]
     print("one decode step's matmuls, weights read from memory (ms per step, best of repeats)")
@@ -72,22 +84,33 @@ def layout_table(repeats: int) -> None:
         cells = [f"{name} {seconds * 1e3:6.1f}" for name, seconds in step_matmul_seconds(weights, batch, repeats)]
         print(f"  batch {batch}:  " + ";  ".join(cells))
     print("one row, GB/s per weight shape (all 12 layers' weights of that shape, or the head)")
-    reduction = torch.compile(lambda x, weight: (weight * x).sum(1), dynamic=False)
+    # one compiled call for a shape's 12 weights, as the compiled step makes one call for all (a call costs ~50 us)
+    one_block = torch.compile(lambda x, weights: [(weight * x).sum(1) for weight in weights], dynamic=False)
+    reduction = torch.compile(lambda x, weights: [torch.cat([(rows * x).sum(1) for rows in DecodeMatmul.row_blocks(w)])
+                                                  for w in weights], dynamic=False)
     for shape in dict.fromkeys(shapes):
         group = [w for w in weights if w.shape == shape]
         transposed = [w.t().contiguous().t() for w in group]
-        x = torch.randn(1, shape[1])
-        reduction(x, group[0])
+        bf16 = [w.to(torch.bfloat16) for w in group]
+        x, x_bf16 = torch.randn(1, shape[1]), torch.randn(1, shape[1], dtype=torch.bfloat16)
+        one_block(x, group), reduction(x, group), reduction(x_bf16, bf16)
         runs = {
             "oneDNN linear": lambda g=group, x=x: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                                                    for w in g],
             "oneDNN, (in x out) copy": lambda g=transposed, x=x: [
                 torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in g],
-            "compiled reduction": lambda g=group, x=x: [reduction(x, w) for w in g],
+            "compiled reduction, 1 block": lambda g=group, x=x: one_block(x, g),
+            f"{DecodeMatmul.streams} blocks": lambda g=group, x=x: reduction(x, g),
             "sum() (a plain read)": lambda g=group: [w.sum() for w in g],
+        }
+        runs_bf16 = {
+            "F.linear": lambda g=bf16, x=x_bf16: [F.linear(x, w) for w in g],
+            f"compiled reduction, {DecodeMatmul.streams} blocks": lambda g=bf16, x=x_bf16: reduction(x, g),
+            "sum()": lambda g=bf16: [w.sum() for w in g],
         }
         gigabytes = sum(w.numel() * 4 for w in group) / 1e9
         cells = [f"{name} {gigabytes / best_seconds(run, repeats):5.1f}" for name, run in runs.items()]
+        cells += [f"bf16 {name} {gigabytes / 2 / best_seconds(run, repeats):5.1f}" for name, run in runs_bf16.items()]
         print(f"  {shape[0]:>5} x {shape[1]:<4} ({gigabytes * 1e3:3.0f} MB):  " + ";  ".join(cells))
     print()
 
@@ -234,12 +257,16 @@ def main() -> None:
     ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
     reference_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
     params = ours.num_parameters()
-    bandwidth = read_bandwidth()
+    reads = read_bandwidth()
+    bandwidth, bandwidth_bf16 = reads[torch.float32], reads[torch.bfloat16]
     flops = {dtype: matmul_flops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     print(f"torch {torch.__version__}, {args.threads} threads; gpt2-small shape, random weights, {params / 1e6:.0f}M "
           f"parameters; {args.prompt_tokens}-token prompts, {args.new_tokens} new greedy tokens")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> ceiling {bandwidth / (4 * params):.1f} steps/s in fp32, "
           f"{bandwidth / (2 * params):.1f} in bf16, ~{bandwidth / params:.1f} in int8")
+    print(f"a plain bf16 read (sum(), widening each element as PyTorch's bf16 matmuls do) streams "
+          f"{bandwidth_bf16 / 1e9:.1f} GB/s: {bandwidth_bf16 / (2 * params):.1f} bf16 steps/s, "
+          f"{2 * bandwidth_bf16 / bandwidth:.2f}x the fp32 ceiling (the bf16 / fp32 target is 1.5x)")
     print(f"matmul throughput (1024^3, F.linear): fp32 {flops[torch.float32] / 1e9:.0f} GFLOP/s, bf16 "
           f"{flops[torch.bfloat16] / 1e9:.0f} GFLOP/s (bf16/fp32 {flops[torch.bfloat16] / flops[torch.float32]:.2f}x)")
     if args.layouts:

@@ -186,6 +186,8 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves(one_row_ke
     else:  # one realized input per product: the fused query/key/value, out_proj, both feed-forward layers, the head
         assert not linears
         assert sum(node.target == "as_strided" for node in step) == 4 * model.config.n_layers + 1
+        # every weight (query, key and value apart) and the head summed in `streams` blocks of rows
+        assert sum(node.target == "sum" for node in step) == (6 * model.config.n_layers + 1) * DecodeMatmul.streams
     assert len(graphs) == 1
 
     model.train()
