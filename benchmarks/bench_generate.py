@@ -86,8 +86,7 @@ def layout_table(repeats: int) -> None:
     print("one row, GB/s per weight shape (all 12 layers' weights of that shape, or the head)")
     # one compiled call for a shape's 12 weights, as the compiled step makes one call for all (a call costs ~50 us)
     one_block = torch.compile(lambda x, weights: [(weight * x).sum(1) for weight in weights], dynamic=False)
-    reduction = torch.compile(lambda x, weights: [torch.cat([(rows * x).sum(1) for rows in DecodeMatmul.row_blocks(w)])
-                                                  for w in weights], dynamic=False)
+    reduction = torch.compile(lambda x, weights: [DecodeMatmul.blocked_product(x, w) for w in weights], dynamic=False)
     for shape in dict.fromkeys(shapes):
         group = [w for w in weights if w.shape == shape]
         transposed = [w.t().contiguous().t() for w in group]

@@ -290,9 +290,11 @@ class DecodeMatmul:
         return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
     @classmethod
-    def row_blocks(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The weight as `streams` blocks of rows, all of one size but the last (which inductor loops over apart)."""
-        return weight.split(math.ceil(weight.shape[0] / cls.streams))
+    def blocked_product(cls, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x times the weight's transpose as multiply-and-sums over `streams` blocks of the weight's rows, all of one
+        size but the last (which inductor loops over apart). Only ever traced: eagerly it materialises every product."""
+        blocks = weight.split(math.ceil(weight.shape[0] / cls.streams))
+        return torch.cat([(x.unsqueeze(-2) * rows).sum(-1) for rows in blocks], -1)
 
     @staticmethod
     def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -307,8 +309,7 @@ class DecodeMatmul:
                 # A no-op view, except that inductor must write x to memory for it: otherwise it recomputes x's last
                 # norm or GELU inside the loop, once per output row (bf16's tied head ran at half speed that way).
                 x = x.as_strided(x.shape, x.stride())
-                products = [torch.cat([(x.unsqueeze(-2) * rows).sum(-1) for rows in self.row_blocks(layer.weight)], -1)
-                            for layer in self.layers]
+                products = [self.blocked_product(x, layer.weight) for layer in self.layers]
                 if self.layers[0].bias is not None:
                     products = [product + layer.bias for product, layer in zip(products, self.layers)]
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
