@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
 # Never reach for the Hub from tests (set before transformers and huggingface_hub read it at import).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import runpy
 import socket
 import subprocess
 import sys
 import textwrap
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,22 @@ TEXT = (
 @pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (mixed precision included), as a new process would start."""
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Training in this process (a script's run(), Trainer, SFTTrainer, whose SFTConfig turns bf16 on by default)
+    leaves accelerate's state behind; the next test starts without it."""
+    yield
+    reset_accelerate()
 
 
 def tiny_config(**overrides) -> GPT2ScratchConfig:
@@ -134,6 +153,33 @@ def run_training_script(script: str, args: list[str], launcher: list[str] | None
     if popen:
         return subprocess.Popen(command, env=env, cwd=ROOT, **popen)
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def run_script_here(script: str, args: list[str], cache: Path | None = None) -> subprocess.CompletedProcess:
+    """`python training/<script> args` in this process: the same file run as `__main__` with that argv, its exit
+    status and what it printed, without a fresh interpreter's 5-8 s of imports. Signals, `accelerate launch` and a
+    process without the package need `run_training_script`; each script also runs that way in its own test file."""
+    path = ROOT / "training" / script
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    sys.argv = [str(path), *args]
+    reset_accelerate()
+    if cache:
+        os.environ["GPT2_SCRATCH_CACHE"] = str(cache)
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            runpy.run_path(str(path), run_name="__main__")
+        status = 0
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            print(exit.code, file=stderr)
+        status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        reset_accelerate()
+    return subprocess.CompletedProcess([str(path), *args], status, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_clear_failure(result: subprocess.CompletedProcess, message: str, out: Path) -> None:

@@ -32,16 +32,6 @@ SENTENCES = TEXT.split(". ")[:2]  # the two sentences TEXT repeats
 TEST_TEXT = "To be, or not to be, that is the question. To take arms against a sea of troubles and end them.\n" * 3
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Trainer and SFTTrainer leave accelerate's process-wide state behind (SFTConfig turns bf16 on by default);
-    later in-process runs in this session must start from a clean one."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny model trained for a few steps, named by transformers' data arguments, with a test split."""

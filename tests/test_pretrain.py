@@ -17,6 +17,7 @@ from conftest import (
     TWO_PROCESSES,
     assert_clear_failure,
     assert_ok,
+    run_script_here,
     run_training_script,
     run_without_package,
     tiny_config,
@@ -42,7 +43,10 @@ def corpus(tmp_path_factory) -> Path:
 
 def pretrain(args: list[str], launcher: list[str] | None = None, cache: Path | None = None,
              **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    return run_training_script("pretrain.py", args, launcher, cache, **popen)
+    """training/pretrain.py in this process; in processes of its own under `launcher` or with Popen's arguments."""
+    if launcher or popen:
+        return run_training_script("pretrain.py", args, launcher, cache, **popen)
+    return run_script_here("pretrain.py", args, cache)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
