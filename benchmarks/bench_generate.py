@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models
+from torch import nn
 from transformers import CompileConfig, DynamicCache, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.cache_utils import DynamicLayer
 
@@ -70,8 +71,9 @@ def layout_table(repeats: int) -> None:
     """Why the decode layout uses oneDNN, and where its kernel stops: one step's matmuls (12 gpt2-small blocks and
     the tied head, 475 MiB in fp32) through F.linear on nn.Linear's (out × in) weights, `x @ W` on (in × out) copies
     (transformers' Conv1D layout), and oneDNN's linear (the weights as they are; on the (in × out) copies, which it
-    multiplies with its sgemm kernel; for several rows also prepacked for 8, as the decode layout multiplies them);
-    bf16 F.linear beside. Then, per weight shape, the GB/s each one-row product streams against a plain read of the
+    multiplies with its sgemm kernel; for several rows also prepacked for 8, as the decode layout multiplies them,
+    and the compiled step's reductions, each row summed over the weights in one loop, in fp32 and bf16); bf16
+    F.linear beside. Then, per weight shape, the GB/s each one-row product streams against a plain read of the
     same weights (`sum()`): oneDNN's linear on either layout and inductor's code for the same product written as a
     reduction, over the weight's rows in one block and in `DecodeMatmul.streams` blocks (the compiled step's, which
     inductor fuses into one loop over that many rows at a time); and for the weights in bf16 (GB/s of bf16 bytes):
@@ -129,7 +131,22 @@ def step_matmul_seconds(weights: list[torch.Tensor], batch: int, repeats: int) -
     if batch > 1:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
         runs["fp32 oneDNN prepacked"] = lambda: [linear(a, w, None, "none", [], "") for a, w in zip(xs, packed)]
+        # the compiled step's products: each row summed over the weights themselves, in one compiled call
+        rows = [a.unsqueeze(1) for a in xs]
+        for dtype, tensors in (("fp32", weights), ("bf16", bf16)):
+            matmuls = [DecodeMatmul([as_linear(w)], "reduction") for w in tensors]
+            step = torch.compile(lambda inputs, m=matmuls: [matmul(x) for matmul, x in zip(m, inputs)], dynamic=False)
+            inputs = [x.to(tensors[0].dtype) for x in rows]
+            step(inputs)
+            runs[f"{dtype} compiled reduction"] = lambda step=step, inputs=inputs: step(inputs)
     return [(name, best_seconds(run, repeats)) for name, run in runs.items()]
+
+
+def as_linear(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear without bias whose weight is `weight` itself (no copy)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
 
 
 def layout_matmul_seconds(model: GPT2ScratchForCausalLM, batch: int, repeats: int) -> float:
@@ -283,7 +300,8 @@ def main() -> None:
     compiled = "BLAS" if one_row_layout.head.kind == "linear" else "inductor's reduction loop"
     print("one fp32 row, the kernel measured fastest here per weight shape: "
           + "; ".join(f"{shape} {kernel}" for shape, kernel in one_row.items())
-          + f"\na compiled one-row step calls {compiled} (bf16: inductor's reduction loop)\n")
+          + f"\na compiled one-row step calls {compiled} (bf16: inductor's reduction loop); a compiled step of up to "
+          f"{DecodeMatmul.max_rows} rows, inductor's loop summing each row\n")
 
     workers = {} if args.no_ctranslate2 else ctranslate2_workers(ours, small.vocab_size, args.threads)
     plain = copy.deepcopy(ours)

@@ -242,19 +242,20 @@ class DecodeMatmul:
       (the one CTranslate2 calls) instead of the kernel it picks for (out × in) weights;
     - "linear" also for bfloat16 otherwise (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on
       CPUs without bf16 instructions);
-    - for a compiled one-row step (see `DecodeLayout.for_compiled_step`), no copies: the layers' own weights, read at
-      each call, one product per layer. "linears": each layer's F.linear, which inductor leaves to BLAS's
-      matrix-vector product. "reduction": each product written as a multiply-and-sum over the input features, in
-      `streams` blocks of the weight's rows, which inductor fuses into one loop reading that many rows at a time (its
-      own `decompose_mm` pass writes small one-row products the same way, in one block); run eagerly, it would
-      materialise every product: it is only ever traced.
+    - for a compiled step (see `DecodeLayout.for_compiled_step`), no copies: the layers' own weights, read at each
+      call, one product per layer. "linears": each layer's F.linear, which inductor leaves to BLAS. "reduction": each
+      product written as multiply-and-sums over the input features, which inductor fuses into one loop over the
+      weight's rows (`blocked_product`; its own `decompose_mm` pass writes small one-row products the same way, in one
+      block); run eagerly, it would materialise every product: it is only ever traced.
     """
 
     # the kinds of a compiled one-row step: nothing derived, so nothing to fingerprint
     on_parameters = ("reduction", "linears")
-    # Row blocks per weight in a "reduction": inductor's loop then reads 8 rows at once, 8 independent sums over 8
-    # memory streams (the compiled step 1.23-1.36x faster in fp32, 1.02-1.14x in bf16 on a Zen 3 EPYC: docs/speed.md).
+    # Row blocks per weight in a one-row "reduction": inductor's loop then reads 8 rows at once, 8 independent sums over
+    # 8 memory streams (the compiled step 1.23-1.36x faster in fp32, 1.02-1.14x in bf16 on a Zen 3 EPYC: docs/speed.md).
     streams = 8
+    # The most rows a "reduction" multiplies: one sum per row and weight row in inductor's loop (measured up to 8).
+    max_rows = 8
 
     def __init__(self, layers: list[nn.Linear], kind: str) -> None:
         self.in_features = layers[0].in_features
@@ -291,10 +292,15 @@ class DecodeMatmul:
 
     @classmethod
     def blocked_product(cls, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x times the weight's transpose as multiply-and-sums over `streams` blocks of the weight's rows, all of one
-        size but the last (which inductor loops over apart). Only ever traced: eagerly it materialises every product."""
-        blocks = weight.split(math.ceil(weight.shape[0] / cls.streams))
-        return torch.cat([(x.unsqueeze(-2) * rows).sum(-1) for rows in blocks], -1)
+        """x (rows first) times the weight's transpose as multiply-and-sums, which inductor fuses into one loop over
+        the weight's rows. One row: over `streams` blocks of the weight's rows, all of one size but the last (which
+        inductor loops over apart). Several rows: one multiply-and-sum per row, each weight element read once for all
+        of them (a batched multiply-and-sum is a loop that reads the weight again for every row). Only ever traced:
+        eagerly it materialises every product."""
+        if x.shape[0] == 1:
+            blocks = weight.split(math.ceil(weight.shape[0] / cls.streams))
+            return torch.cat([(x.unsqueeze(-2) * rows).sum(-1) for rows in blocks], -1)
+        return torch.stack([(row.unsqueeze(-2) * weight).sum(-1) for row in x.unbind()])
 
     @staticmethod
     def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -306,12 +312,16 @@ class DecodeMatmul:
             if self.kind == "linears":
                 products = [F.linear(x, layer.weight, layer.bias) for layer in self.layers]
             else:
-                # A no-op view, except that inductor must write x to memory for it: otherwise it recomputes x's last
-                # norm or GELU inside the loop, once per output row (bf16's tied head ran at half speed that way).
-                x = x.as_strided(x.shape, x.stride())
-                products = [self.blocked_product(x, layer.weight) for layer in self.layers]
+                # Several rows in float32 (exact, and bf16 products are summed in float32 anyway), widened once: a bf16
+                # row widened in the loop, for every weight row, ran 1.9x slower.
+                rows = x if x.shape[0] == 1 else x.float()
+                # A no-op view, except that inductor must write the rows to memory for it: otherwise it recomputes x's
+                # last norm or GELU inside the loop, once per weight row (bf16's tied head ran at half speed that way).
+                rows = rows.as_strided(rows.shape, rows.stride())
+                products = [self.blocked_product(rows, layer.weight) for layer in self.layers]
                 if self.layers[0].bias is not None:
                     products = [product + layer.bias for product, layer in zip(products, self.layers)]
+                products = [product.to(x.dtype) for product in products]
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
@@ -450,18 +460,17 @@ class DecodeLayout:
         return len(layers), sum(layer.out_features for layer in layers), layers[0].in_features
 
     @classmethod
-    def for_compiled_step(cls, model: GPT2ScratchForCausalLM) -> DecodeLayout:
-        """The layout a compiled one-row decode step traces: products over the parameters themselves, so the compiled
-        step reads the weights as they are when it runs (optimizer steps included) and nothing is built or kept.
-        In float32, where BLAS's matrix-vector product measured fastest for the head, the largest matmul, in the eager
-        step (the one-row layout the eager prefill built: `fastest_one_row_matmuls`), the step calls it ("linears": an
-        Intel Xeon, docs/speed.md); otherwise inductor's own loop ("reduction": where a oneDNN kernel won, and in
-        bfloat16). Several rows keep the modules' linears: inductor's loop for a batched reduction re-reads the
-        weights for every row."""
+    def for_compiled_step(cls, model: GPT2ScratchForCausalLM, rows: int) -> DecodeLayout:
+        """The layout a compiled decode step traces: products over the parameters themselves, so the compiled step
+        reads the weights as they are when it runs (optimizer steps included) and nothing is built or kept.
+        One float32 row, where BLAS's matrix-vector product measured fastest for the head, the largest matmul, in the
+        eager step (the one-row layout the eager prefill built: `fastest_one_row_matmuls`): the step calls it
+        ("linears": an Intel Xeon, docs/speed.md). Otherwise inductor's own loop ("reduction": where a oneDNN kernel
+        won, in bfloat16, and for up to `DecodeMatmul.max_rows` rows); more rows keep the modules' linears."""
         measured = model._decode_layout
-        blas = (model.out_head.weight.dtype == torch.float32 and measured is not None and measured.kind == "vector"
-                and measured.head.kind == "linear")
-        return cls(model, 1, kind="linears" if blas else "reduction")
+        blas = (rows == 1 and model.out_head.weight.dtype == torch.float32 and measured is not None
+                and measured.kind == "vector" and measured.head.kind == "linear")
+        return cls(model, rows, kind="linears" if blas or rows > DecodeMatmul.max_rows else "reduction")
 
     @classmethod
     def matmul_layers(cls, model: GPT2ScratchForCausalLM) -> list[list[nn.Linear]]:
@@ -957,10 +966,10 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 if rows not in layouts:
                     layouts[rows] = self.decode_layout(rows)
                 layout = layouts[rows]
-            elif rows == num_new == 1 and self.fast_decoding and DecodeLayout.applies_to(self):
+            elif num_new == 1 and self.fast_decoding and DecodeLayout.applies_to(self):
                 # inductor takes oneDNN's packed weights only as constants, which would go stale: a compiled step
-                # multiplies the parameters themselves, one row as reductions
-                layout = DecodeLayout.for_compiled_step(self)
+                # multiplies the parameters themselves
+                layout = DecodeLayout.for_compiled_step(self, rows)
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,

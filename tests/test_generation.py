@@ -153,8 +153,7 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves(one_row_ke
     """One row per step compiled (static cache + compile): every product is traced over the parameters themselves,
     as F.linear per layer where BLAS measured fastest for the eager step in float32 (DecodeMatmul kind "linears"),
     else as a multiply-and-sum (kind "reduction", no linear left); run as captured it gives the dynamic cache's
-    tokens, and after an optimizer step the same compiled step follows the new weights (nothing was copied).
-    Several rows keep the modules' linears."""
+    tokens, and after an optimizer step the same compiled step follows the new weights (nothing was copied)."""
     measured_one_row_kernel(monkeypatch, one_row_kernel)
     model = tiny_model(qkv_bias=True).to(dtype)
     randomize_biases(model)
@@ -199,10 +198,35 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves(one_row_ke
     assert torch.equal(after, compiled) and not torch.equal(after, before)
     assert len(graphs) == 1  # the same compiled step, reading the new weights
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_rows", [8, 2])
+def test_a_compiled_step_of_several_rows_sums_each_row_over_the_parameters(dtype, max_rows, monkeypatch,
+                                                                          fresh_dynamo):
+    """Several rows compiled (a left-padded batch of 3): up to `DecodeMatmul.max_rows` rows, one multiply-and-sum per
+    row and weight over the parameters themselves (kind "reduction", no linear left); more rows, the layers'
+    F.linear. Either way the dynamic cache's tokens."""
+    monkeypatch.setattr(DecodeMatmul, "max_rows", max_rows)
+    model = tiny_model(qkv_bias=True).to(dtype)
+    randomize_biases(model)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
     ids, mask = left_padded_batch()
-    model.generate(ids, attention_mask=mask, cache_implementation="static",
-                   compile_config=cpu_compile_config(recording_backend), **kwargs)
-    assert [node for node in graphs[-1].graph.nodes if "linear" in str(node.target)]
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=cpu_compile_config(recording_backend),
+                              **kwargs)
+    assert torch.equal(model.generate(ids, **kwargs), compiled)
+    step = graphs[-1].graph.nodes
+    linears = [node for node in step if "linear" in str(node.target)]
+    products = 6 * model.config.n_layers + 1  # query, key and value apart, and the head
+    if max_rows >= len(ids):
+        assert not linears and sum(node.target == "sum" for node in step) == products * len(ids)
+    else:
+        assert len(linears) == products and not [node for node in step if node.target == "sum"]
 
 
 @pytest.mark.parametrize("one_row_kernel", ["vector", "linear"])
@@ -217,6 +241,17 @@ def test_inductor_compiles_the_one_row_step_to_the_same_tokens(one_row_kernel, m
     compiled = model.generate(prompt, cache_implementation="static", compile_config=cpu_compile_config("inductor"),
                               **kwargs)
     assert torch.equal(model.generate(prompt, **kwargs), compiled)
+
+
+def test_inductor_compiles_a_step_of_several_rows_to_the_same_tokens(fresh_dynamo):
+    """inductor's loop summing each row over the weights (a left-padded batch of 3): the dynamic cache's tokens."""
+    model = tiny_model(n_layers=1, qkv_bias=True)
+    randomize_biases(model)
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=cpu_compile_config("inductor"),
+                              **kwargs)
+    assert torch.equal(model.generate(ids, **kwargs), compiled)
 
 
 def test_masks_are_built_per_call_not_stored_per_block():
