@@ -518,14 +518,30 @@ class DecodeLayout:
         (`GrowingLayer`)."""
         if cache is not None:
             GrowingLayer.grow_in_place(cache)
+        summed = self.kind in DecodeMatmul.on_parameters and x.dtype == torch.bfloat16
         for norm1, att, norm2, gelu, qkv, out_proj, widen, narrow in self.blocks:
             queries, keys, values = map(att.split_heads, qkv(norm1(x)).chunk(3, dim=-1))
             if cache is not None:
                 keys, values = cache.update(keys, values, att.layer_idx)
-            context, _ = att.attend(queries, keys, values, allowed)
+            if summed:
+                context = self.summed_attention(queries, keys, values, allowed)
+            else:
+                context, _ = att.attend(queries, keys, values, allowed)
             x = x + out_proj(att.merge_heads(context))
             x = x + narrow(gelu(widen(norm2(x))))
         return x
+
+    @staticmethod
+    def summed_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         allowed: torch.Tensor | None) -> torch.Tensor:
+        """Attention of one new token per row, for a compiled bfloat16 step: scores and context as multiply-and-sums
+        in float32 over the cached keys and values where they lie, which inductor widens as its loops read them.
+        `attend` would hand the fused kernel float32 copies of the whole cache every step (`sdpa_attention`)."""
+        scores = (queries.float() * keys.float()).sum(-1).unsqueeze(-2) / math.sqrt(queries.shape[-1])
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -torch.inf)
+        weights = torch.softmax(scores, dim=-1)  # (batch, heads, 1, keys)
+        return (weights.transpose(-1, -2) * values.float()).sum(-2, keepdim=True).to(queries.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, tiny_config
 from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
@@ -185,8 +186,11 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves(one_row_ke
     else:  # one realized input per product: the fused query/key/value, out_proj, both feed-forward layers, the head
         assert not linears
         assert sum(node.target == "as_strided" for node in step) == 4 * model.config.n_layers + 1
-        # every weight (query, key and value apart) and the head summed in `streams` blocks of rows
-        assert sum(node.target == "sum" for node in step) == (6 * model.config.n_layers + 1) * DecodeMatmul.streams
+        # every weight (query, key and value apart) and the head summed in `streams` blocks of rows; in bf16 also
+        # each layer's attention scores and context (`DecodeLayout.summed_attention`)
+        attention = 2 * model.config.n_layers if dtype == torch.bfloat16 else 0
+        assert sum(node.target == "sum" for node in step) == (
+            (6 * model.config.n_layers + 1) * DecodeMatmul.streams + attention)
     assert len(graphs) == 1
 
     model.train()
@@ -223,10 +227,26 @@ def test_a_compiled_step_of_several_rows_sums_each_row_over_the_parameters(dtype
     step = graphs[-1].graph.nodes
     linears = [node for node in step if "linear" in str(node.target)]
     products = 6 * model.config.n_layers + 1  # query, key and value apart, and the head
-    if max_rows >= len(ids):
-        assert not linears and sum(node.target == "sum" for node in step) == products * len(ids)
-    else:
-        assert len(linears) == products and not [node for node in step if node.target == "sum"]
+    attention = [node for node in step if "scaled_dot_product_attention" in str(node.target)]
+    assert len(attention) == (0 if dtype == torch.bfloat16 else model.config.n_layers)  # bf16: summed_attention
+    sums = products * len(ids) if max_rows >= len(ids) else 0
+    sums += 2 * model.config.n_layers if dtype == torch.bfloat16 else 0  # the scores and the context
+    assert sum(node.target == "sum" for node in step) == sums
+    assert len(linears) == (0 if max_rows >= len(ids) else products)
+
+
+def test_summed_attention_is_the_fused_kernels_in_float32():
+    """A compiled bf16 step's attention (one query per row, over a bf16 cache, with and without a padding mask):
+    the fused kernel's float32 result, rounded to bf16."""
+    torch.manual_seed(0)
+    queries, keys, values = (torch.randn(3, 4, n, 16).bfloat16() for n in (1, 10, 10))
+    allowed = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    allowed[0, ..., :3] = False
+    for mask in (allowed, None):
+        expected = F.scaled_dot_product_attention(queries.float(), keys.float(), values.float(), attn_mask=mask)
+        summed = DecodeLayout.summed_attention(queries, keys, values, mask)
+        assert summed.dtype == torch.bfloat16
+        torch.testing.assert_close(summed.float(), expected, atol=8e-3, rtol=8e-3)
 
 
 @pytest.mark.parametrize("one_row_kernel", ["vector", "linear"])
