@@ -249,7 +249,7 @@ class DecodeMatmul:
       block); run eagerly, it would materialise every product: it is only ever traced.
     """
 
-    # the kinds of a compiled one-row step: nothing derived, so nothing to fingerprint
+    # the kinds of a compiled step: nothing derived, so nothing to fingerprint
     on_parameters = ("reduction", "linears")
     # Row blocks per weight in a one-row "reduction": inductor's loop then reads 8 rows at once, 8 independent sums over
     # 8 memory streams (the compiled step 1.23-1.36x faster in fp32, 1.02-1.14x in bf16 on a Zen 3 EPYC: docs/speed.md).

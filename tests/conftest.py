@@ -182,6 +182,15 @@ def run_script_here(script: str, args: list[str], cache: Path | None = None) -> 
     return subprocess.CompletedProcess([str(path), *args], status, stdout.getvalue(), stderr.getvalue())
 
 
+def training_script(script: str, args: list[str], launcher: list[str] | None = None, cache: Path | None = None,
+                    **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """training/<script> in this process (`run_script_here`); in processes of its own under `launcher` or with
+    Popen's arguments (`run_training_script`)."""
+    if launcher or popen:
+        return run_training_script(script, args, launcher, cache, **popen)
+    return run_script_here(script, args, cache)
+
+
 def assert_clear_failure(result: subprocess.CompletedProcess, message: str, out: Path) -> None:
     """Exit status 2, the message on stderr without a traceback, and no output folder that looks complete."""
     assert result.returncode == 2, result.stderr

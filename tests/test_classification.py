@@ -16,9 +16,8 @@ from conftest import (
     TWO_PROCESSES,
     assert_clear_failure,
     assert_ok,
-    run_script_here,
-    run_training_script,
     run_without_package,
+    training_script,
 )
 from safetensors.torch import load_file
 
@@ -62,12 +61,9 @@ def labelled(tmp_path_factory) -> Path:
 
 
 def finetune(base: Path, data: Path, out: Path, *extra: str, launcher: list[str] | None = None):
-    """training/finetune_classification.py in this process; in processes of its own under `launcher`."""
-    args = ["--model_name_or_path", str(base), "--train_file", str(data), "--text_column", "review",
-            "--label_column", "sentiment", "--output_dir", str(out), *TRAIN, *extra]
-    if launcher:
-        return run_training_script("finetune_classification.py", args, launcher)
-    return run_script_here("finetune_classification.py", args)
+    return training_script("finetune_classification.py", [
+        "--model_name_or_path", str(base), "--train_file", str(data), "--text_column", "review",
+        "--label_column", "sentiment", "--output_dir", str(out), *TRAIN, *extra], launcher)
 
 
 def changed(base: Path, out: Path) -> set[str]:

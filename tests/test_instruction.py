@@ -16,9 +16,8 @@ from conftest import (
     TWO_PROCESSES,
     assert_clear_failure,
     assert_ok,
-    run_script_here,
-    run_training_script,
     run_without_package,
+    training_script,
 )
 from transformers import AutoTokenizer
 
@@ -31,11 +30,8 @@ TINY = ["--tasks", "pluralise", "add", "--task_train_size", "24", "--task_test_s
 
 
 def lora(base: Path, out: Path, *extra: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """training/finetune_instruction_lora.py in this process; in processes of its own under `launcher`."""
-    args = ["--model_name_or_path", str(base), "--output_dir", str(out), *TINY, *extra]
-    if launcher:
-        return run_training_script("finetune_instruction_lora.py", args, launcher)
-    return run_script_here("finetune_instruction_lora.py", args)
+    return training_script("finetune_instruction_lora.py", ["--model_name_or_path", str(base), "--output_dir",
+                                                            str(out), *TINY, *extra], launcher)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +281,7 @@ def test_records_longer_than_the_context_are_skipped_and_counted(base, tmp_path)
     records.append(json.dumps({"instruction": "Say everything.", "output": "word " * 300}))
     data = write_jsonl(tmp_path / "records.jsonl", records)
     test = write_jsonl(tmp_path / "test.jsonl", [GOOD])
-    result = run_script_here("finetune_instruction_lora.py", [
+    result = training_script("finetune_instruction_lora.py", [
         "--model_name_or_path", str(base), "--train_file", str(data), "--test_file", str(test), "--output_dir",
         str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2"])
     assert_ok(result)

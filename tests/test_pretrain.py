@@ -17,10 +17,9 @@ from conftest import (
     TWO_PROCESSES,
     assert_clear_failure,
     assert_ok,
-    run_script_here,
-    run_training_script,
     run_without_package,
     tiny_config,
+    training_script,
 )
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -43,10 +42,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def pretrain(args: list[str], launcher: list[str] | None = None, cache: Path | None = None,
              **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """training/pretrain.py in this process; in processes of its own under `launcher` or with Popen's arguments."""
-    if launcher or popen:
-        return run_training_script("pretrain.py", args, launcher, cache, **popen)
-    return run_script_here("pretrain.py", args, cache)
+    return training_script("pretrain.py", args, launcher, cache, **popen)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
