@@ -241,7 +241,8 @@ class DecodeMatmul:
       "transposed", oneDNN's linear on an (in × out) copy, which oneDNN multiplies with its sgemm matrix-vector kernel
       (the one CTranslate2 calls) instead of the kernel it picks for (out × in) weights;
     - "linear" also for bfloat16 otherwise (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on
-      CPUs without bf16 instructions);
+      CPUs without bf16 instructions; there a prompt of `widened_rows` or more rows is multiplied as "widened" does,
+      widening the weights for that call only: `widens`);
     - for a compiled step (see `DecodeLayout.for_compiled_step`), no copies: the layers' own weights, read at each
       call, one product per layer. "linears": each layer's F.linear, which inductor leaves to BLAS. "reduction": each
       product written as multiply-and-sums over the input features, which inductor fuses into one loop over the
@@ -256,6 +257,11 @@ class DecodeMatmul:
     streams = 8
     # The most rows a "reduction" multiplies: one sum per row and weight row in inductor's loop (measured up to 8).
     max_rows = 8
+    # Where bf16 matmuls are emulated they cost a matrix-vector product per row (gpt2-small's blocks: 10 ms for one
+    # row, 134 ms for 16), a widened float32 product one widening of the weights (19 and 56 ms): from 8 rows on, a
+    # prompt is multiplied widened (Zen 3 EPYC, docs/speed.md).
+    widened_rows = 8
+    emulated_bf16 = False  # bf16 weights on a CPU without bf16 instructions, multiplied by F.linear ("linear")
 
     def __init__(self, layers: list[nn.Linear], kind: str) -> None:
         self.in_features = layers[0].in_features
@@ -272,6 +278,7 @@ class DecodeMatmul:
             self.kind = kind if bf16_onednn else "widened"
         else:
             self.kind = "linear"
+            self.emulated_bf16 = weight.dtype == torch.bfloat16 and not bf16_onednn
         fused, widened = len(layers) > 1, self.kind == "widened"
         if widened:
             weight, self.bias = weight.float(), None if self.bias is None else self.bias.float()
@@ -302,6 +309,11 @@ class DecodeMatmul:
             return torch.cat([(x.unsqueeze(-2) * rows).sum(-1) for rows in blocks], -1)
         return torch.stack([(row.unsqueeze(-2) * weight).sum(-1) for row in x.unbind()])
 
+    def widens(self, x: torch.Tensor) -> bool:
+        """Whether F.linear multiplies these rows (a prompt's tokens × sequences) widened to float32, as "widened" does
+        with its kept copy: bf16 emulated, and at least `widened_rows` rows."""
+        return self.emulated_bf16 and x.numel() >= self.widened_rows * self.in_features
+
     @staticmethod
     def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
         """The parameter itself where there is one (no copy), else the parameters stacked along dim 0."""
@@ -324,7 +336,10 @@ class DecodeMatmul:
                 products = [product.to(x.dtype) for product in products]
             return products[0] if len(products) == 1 else torch.cat(products, dim=-1)
         if self.kind == "linear":
-            return F.linear(x, self.weight, self.bias)
+            if not self.widens(x):
+                return F.linear(x, self.weight, self.bias)
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         # oneDNN multiplies in the weight's dtype: "widened" takes bf16 rows to float32 and rounds the products back
         # (the casts only there: a no-op cast still costs a dispatch, ~100 a step)
         widened = self.kind == "widened"

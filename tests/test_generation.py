@@ -410,6 +410,41 @@ def test_decode_layout_in_bfloat16_gives_the_plain_logits():
     torch.testing.assert_close(fast, plain, atol=0.05, rtol=0.02)
 
 
+def test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated():
+    """The one-row layout in bf16 multiplies by F.linear ("linear"). On a CPU without bf16 instructions, where each row
+    of an emulated bf16 matmul costs a matrix-vector product, a prompt of `widened_rows` rows or more is multiplied in
+    float32 on weights widened for that call (the float32 product, rounded); fewer rows, and every row on a CPU with
+    bf16 instructions, in bf16. generate() from such a prompt gives the plain modules' logits."""
+
+    class LinearDtypes(torch.overrides.TorchFunctionMode):  # the dtype each F.linear call multiplies in
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.linear:
+                self.dtypes.append(args[1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model().to(torch.bfloat16)
+    emulated = not (DecodeMatmul.onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    layout = model.decode_layout(1)
+    assert {(matmul.kind, matmul.emulated_bf16) for matmul in layout.matmuls()} == {("linear", emulated)}
+    matmul = layout.blocks[0].widen
+    torch.manual_seed(3)
+    prompt = torch.randn(1, DecodeMatmul.widened_rows, matmul.in_features).bfloat16()
+    with LinearDtypes() as calls:
+        product, fewer = matmul(prompt), matmul(prompt[:, 1:])
+    assert calls.dtypes == [torch.float32 if emulated else torch.bfloat16, torch.bfloat16]
+    assert product.dtype == fewer.dtype == torch.bfloat16
+    torch.testing.assert_close(product, F.linear(prompt.float(), matmul.weight.float(), matmul.bias.float()).bfloat16())
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    kwargs = dict(max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    fast = model.generate(ids, **kwargs).logits[0]
+    model.fast_decoding = False
+    torch.testing.assert_close(fast, model.generate(ids, **kwargs).logits[0], atol=0.05, rtol=0.02)
+
+
 @pytest.mark.parametrize("search", SEARCHES)
 def test_decode_layout_appends_keys_in_place_with_the_plain_tokens(search, monkeypatch):
     """The layout's cache layers write each step's keys/values into spare room (grown every 5 tokens here, so
