@@ -950,9 +950,12 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         return self._decode_layout
 
     def __getstate__(self) -> dict:
-        # copy.deepcopy and pickle leave the decode layouts behind: they are rebuilt on demand, and oneDNN's packed
-        # tensors have no storage to copy.
-        return {**super().__getstate__(), "_decode_layout": None, "_step_layouts": None}
+        # copy.deepcopy and pickle leave behind what belongs to this model object alone: the decode layouts (rebuilt on
+        # demand; oneDNN's packed tensors have no storage to copy) and the compiled __call__ generate() keeps (a
+        # function, which deepcopy shares: a copy's compiled steps would run this model's weights).
+        state = {**super().__getstate__(), "_decode_layout": None, "_step_layouts": None}
+        state.pop("_compiled_call", None)
+        return state
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with every forward it makes going through `decode_layout()`, which checks that

@@ -274,6 +274,27 @@ def test_inductor_compiles_a_step_of_several_rows_to_the_same_tokens(fresh_dynam
     assert torch.equal(model.generate(ids, **kwargs), compiled)
 
 
+def test_a_copy_compiles_a_step_of_its_own(fresh_dynamo):
+    """generate() keeps the compiled __call__ on the model (transformers' `get_compiled_call`); a copy made after that
+    compiles its own step (sharing the function, as deepcopy does with functions, the copy's compiled steps would run
+    the original's weights), and a pickle leaves it behind."""
+    model = tiny_model(n_layers=1)
+    prompt = left_padded_batch()[0][1:2]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    static = dict(cache_implementation="static", compile_config=cpu_compile_config("eager"))
+    original = model.generate(prompt, **kwargs, **static)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.normal_(std=0.5)
+    expected = twin.generate(prompt, **kwargs)
+    assert not torch.equal(expected, original)
+    assert torch.equal(twin.generate(prompt, **kwargs, **static), expected)
+    assert twin._compiled_call is not model._compiled_call
+    assert not hasattr(pickle.loads(pickle.dumps(model)), "_compiled_call")  # a compiled function does not pickle
+
+
 def test_masks_are_built_per_call_not_stored_per_block():
     """The seed's per-block (context × context) buffers are gone: a huge context_length allocates no mask."""
     model = GPT2ScratchForCausalLM(tiny_config(context_length=100_000, n_layers=1)).eval()
