@@ -252,9 +252,10 @@ class DecodeMatmul:
 
     # the kinds of a compiled step: nothing derived, so nothing to fingerprint
     on_parameters = ("reduction", "linears")
-    # Row blocks per weight in a one-row "reduction": inductor's loop then reads 8 rows at once, 8 independent sums over
-    # 8 memory streams (the compiled step 1.23-1.36x faster in fp32, 1.02-1.14x in bf16 on a Zen 3 EPYC: docs/speed.md).
-    streams = 8
+    # Row blocks per weight in a one-row "reduction": inductor's loop then reads 4 rows at once, 4 independent sums over
+    # 4 memory streams (8 blocks against one: the compiled step 1.23-1.36x faster in fp32 on a Zen 3 EPYC). Not 8: a
+    # bf16 sum takes two AVX2 registers, and 8 of them spilled to the stack (4: bf16 ~1.04x, fp32 even; docs/speed.md).
+    streams = 4
     # The most rows a "reduction" multiplies: one sum per row and weight row in inductor's loop (measured up to 8).
     max_rows = 8
     # Where bf16 matmuls are emulated they cost a matrix-vector product per row (gpt2-small's blocks: 10 ms for one
