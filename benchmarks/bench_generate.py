@@ -9,8 +9,8 @@ length. Measured: ours fp32 (the readable modules alone, and through the decode 
 transformers fp32 and bf16 with the dynamic cache; ours and transformers, fp32 and bf16, with a static cache +
 torch.compile; CTranslate2 fp32 and int8 on the folder `gpt2-scratch convert --to-hf` writes, each in a worker
 process of its own; a read-bandwidth ceiling (every weight is read once per step).
-Prints tokens/s, ratios and % of that ceiling, the rate of a plain bf16 read, the decode layout's memory, and a matmul
-bf16/fp32 throughput ratio.
+Prints tokens/s, ratios and % of that ceiling, the rate of a plain bf16 read, the decode layout's memory, a matmul
+bf16/fp32 throughput ratio, and from these the most bf16 can gain over fp32 at each batch size (attainable_bf16_ratio).
 Not a test: numbers depend on the machine and on what else runs on it.
 """
 
@@ -65,6 +65,21 @@ def matmul_flops(dtype: torch.dtype, size: int = 1024) -> float:
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     F.linear(a, b)
     return 2 * size**3 / best_seconds(lambda: F.linear(a, b), 3)
+
+
+def attainable_bf16_ratio(batch: int, weights: int, bandwidth: float, flops: dict[torch.dtype, float]) -> str:
+    """The most a bf16 step's matmuls can gain over fp32's on this CPU, each as fast as the hardware allows: each
+    dtype's floor is the longer of reading its weights once (bytes at the plain fp32 read's rate) and its multiply-adds
+    at the square matmul's rate. bf16 may multiply at fp32's rate (widened, as a CPU without bf16 instructions does):
+    where the multiply-adds take longer than reading bf16's weights, halving the bytes gains less than 2x."""
+    floors = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        floors[dtype] = (weights * dtype.itemsize / bandwidth,
+                         2 * batch * weights / max(flops[dtype], flops[torch.float32]))
+    ratio = max(floors[torch.float32]) / max(floors[torch.bfloat16])
+    shown = "; ".join(f"{name} max({read * 1e3:.1f} ms reading, {compute * 1e3:.1f} ms multiplying)"
+                      for name, (read, compute) in zip(("fp32", "bf16"), floors.values()))
+    return f"at most {ratio:.2f}x bf16 / fp32 for a {batch}-row step's matmuls on this CPU: {shown}"
 
 
 def layout_table(repeats: int) -> None:
@@ -273,6 +288,7 @@ def main() -> None:
     ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
     reference_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
     params = ours.num_parameters()
+    weights = sum(module.weight.numel() for module in ours.modules() if isinstance(module, nn.Linear))
     reads = read_bandwidth()
     bandwidth, bandwidth_bf16 = reads[torch.float32], reads[torch.bfloat16]
     flops = {dtype: matmul_flops(dtype) for dtype in (torch.float32, torch.bfloat16)}
@@ -348,6 +364,7 @@ def main() -> None:
         if compiled:
             print("  first call, 4 tokens, compiling the step (inductor's on-disk cache may hold earlier runs' code): "
                   + ", ".join(compiled))
+        print(f"  {attainable_bf16_ratio(batch, weights, bandwidth, flops)} (the target is 1.5x)")
         floor = layout_matmul_seconds(ours, batch, max(args.repeats, 3))
         line = f"  ours fp32, the decode layout's matmuls alone: {floor * 1e3:.1f} ms a step"
         if "CTranslate2 fp32" in results:
