@@ -534,7 +534,9 @@ class DecodeLayout:
         (`GrowingLayer`)."""
         if cache is not None:
             GrowingLayer.grow_in_place(cache)
-        summed = self.kind in DecodeMatmul.on_parameters and x.dtype == torch.bfloat16
+        # Attention summed where measured faster (docs/speed.md): in bf16 (the fused kernel takes float32 copies of the
+        # whole cache), and among inductor's own loops ("reduction"), which it then joins (fp32, one row: 1.08x)
+        summed = self.kind == "reduction" or (self.kind in DecodeMatmul.on_parameters and x.dtype == torch.bfloat16)
         for norm1, att, norm2, gelu, qkv, out_proj, widen, narrow in self.blocks:
             queries, keys, values = map(att.split_heads, qkv(norm1(x)).chunk(3, dim=-1))
             if cache is not None:
@@ -550,9 +552,10 @@ class DecodeLayout:
     @staticmethod
     def summed_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          allowed: torch.Tensor | None) -> torch.Tensor:
-        """Attention of one new token per row, for a compiled bfloat16 step: scores and context as multiply-and-sums
-        in float32 over the cached keys and values where they lie, which inductor widens as its loops read them.
-        `attend` would hand the fused kernel float32 copies of the whole cache every step (`sdpa_attention`)."""
+        """Attention of one new token per row, for a compiled step: scores and context as multiply-and-sums in
+        float32 over the cached keys and values where they lie, which inductor fuses into its loops (widening bf16 as
+        they read it). `attend` calls the fused kernel apart from them, and in bf16 hands it float32 copies of the
+        whole cache every step (`sdpa_attention`)."""
         scores = (queries.float() * keys.float()).sum(-1).unsqueeze(-2) / math.sqrt(queries.shape[-1])
         if allowed is not None:
             scores = scores.masked_fill(~allowed, -torch.inf)

@@ -186,11 +186,11 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves(one_row_ke
     else:  # one realized input per product: the fused query/key/value, out_proj, both feed-forward layers, the head
         assert not linears
         assert sum(node.target == "as_strided" for node in step) == 4 * model.config.n_layers + 1
-        # every weight (query, key and value apart) and the head summed in `streams` blocks of rows; in bf16 also
-        # each layer's attention scores and context (`DecodeLayout.summed_attention`)
-        attention = 2 * model.config.n_layers if dtype == torch.bfloat16 else 0
+        # every weight (query, key and value apart) and the head summed in `streams` blocks of rows, and each
+        # layer's attention scores and context (`DecodeLayout.summed_attention`)
+        assert not [node for node in step if "scaled_dot_product_attention" in str(node.target)]
         assert sum(node.target == "sum" for node in step) == (
-            (6 * model.config.n_layers + 1) * DecodeMatmul.streams + attention)
+            (6 * model.config.n_layers + 1) * DecodeMatmul.streams + 2 * model.config.n_layers)
     assert len(graphs) == 1
 
     model.train()
@@ -228,25 +228,27 @@ def test_a_compiled_step_of_several_rows_sums_each_row_over_the_parameters(dtype
     linears = [node for node in step if "linear" in str(node.target)]
     products = 6 * model.config.n_layers + 1  # query, key and value apart, and the head
     attention = [node for node in step if "scaled_dot_product_attention" in str(node.target)]
-    assert len(attention) == (0 if dtype == torch.bfloat16 else model.config.n_layers)  # bf16: summed_attention
+    summed = dtype == torch.bfloat16 or max_rows >= len(ids)  # `summed_attention`: bf16, or among the sums
+    assert len(attention) == (0 if summed else model.config.n_layers)
     sums = products * len(ids) if max_rows >= len(ids) else 0
-    sums += 2 * model.config.n_layers if dtype == torch.bfloat16 else 0  # the scores and the context
+    sums += 2 * model.config.n_layers if summed else 0  # the scores and the context
     assert sum(node.target == "sum" for node in step) == sums
     assert len(linears) == (0 if max_rows >= len(ids) else products)
 
 
-def test_summed_attention_is_the_fused_kernels_in_float32():
-    """A compiled bf16 step's attention (one query per row, over a bf16 cache, with and without a padding mask):
-    the fused kernel's float32 result, rounded to bf16."""
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_summed_attention_is_the_fused_kernels_in_float32(dtype, tolerance):
+    """A compiled step's attention (one query per row, over the cache, with and without a padding mask): the fused
+    kernel's float32 result, in the cache's dtype."""
     torch.manual_seed(0)
-    queries, keys, values = (torch.randn(3, 4, n, 16).bfloat16() for n in (1, 10, 10))
+    queries, keys, values = (torch.randn(3, 4, n, 16).to(dtype) for n in (1, 10, 10))
     allowed = torch.ones(3, 1, 1, 10, dtype=torch.bool)
     allowed[0, ..., :3] = False
     for mask in (allowed, None):
         expected = F.scaled_dot_product_attention(queries.float(), keys.float(), values.float(), attn_mask=mask)
         summed = DecodeLayout.summed_attention(queries, keys, values, mask)
-        assert summed.dtype == torch.bfloat16
-        torch.testing.assert_close(summed.float(), expected, atol=8e-3, rtol=8e-3)
+        assert summed.dtype == dtype
+        torch.testing.assert_close(summed.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("one_row_kernel", ["vector", "linear"])
