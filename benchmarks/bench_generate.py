@@ -308,15 +308,16 @@ def main() -> None:
     sizes = ", ".join(f"{name} {memory[name, 1]:.0f} / {memory[name, 8]:.0f}" for name in ("fp32", "bf16"))
     print(f"decode layout memory (MiB) for one row / several: {sizes} (beside {params * 4 / 2**20:.0f} MiB of fp32 "
           "weights; built by generate(), freed with fast_decoding=False)")
-    kernels = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)", "transposed": "oneDNN on an (in x out) copy"}
-    one_row_layout = ours.decode_layout(1)
-    one_row = {}  # weight shape -> the kernel measured fastest for it
-    for matmul in one_row_layout.matmuls():
-        one_row.setdefault(f"{tuple(matmul.weight.shape)}", kernels[matmul.kind])
-    compiled = "BLAS" if one_row_layout.head.kind == "linear" else "inductor's reduction loop"
-    print("one fp32 row, the kernel measured fastest here per weight shape: "
-          + "; ".join(f"{shape} {kernel}" for shape, kernel in one_row.items())
-          + f"\na compiled one-row step calls {compiled} (bf16: inductor's reduction loop); a compiled step of up to "
+    kernels = {"vector": "oneDNN's linear", "linear": "F.linear (BLAS)", "transposed": "oneDNN on an (in x out) copy",
+               "prepacked": "oneDNN's prepacked copy"}
+    for name, model in (("fp32", ours), ("bf16", ours_bf16)):
+        one_row = {}  # weight shape -> the kernel measured fastest for it
+        for matmul in model.decode_layout(1).matmuls():
+            one_row.setdefault(f"{matmul.in_features} -> {matmul.weight.shape[0]}", kernels[matmul.kind])
+        print(f"one {name} row, the kernel measured fastest here per weight shape: "
+              + "; ".join(f"{shape} {kernel}" for shape, kernel in one_row.items()))
+    compiled = "BLAS" if ours.decode_layout(1).head.kind == "linear" else "inductor's reduction loop"
+    print(f"a compiled one-row step calls {compiled} (bf16: inductor's reduction loop); a compiled step of up to "
           f"{DecodeMatmul.max_rows} rows, inductor's loop summing each row\n")
 
     workers = {} if args.no_ctranslate2 else ctranslate2_workers(ours, small.vocab_size, args.threads)

@@ -240,9 +240,10 @@ class DecodeMatmul:
       oneDNN's linear on the weights as they are; "linear", F.linear's BLAS matrix-vector product on the same; or
       "transposed", oneDNN's linear on an (in × out) copy, which oneDNN multiplies with its sgemm matrix-vector kernel
       (the one CTranslate2 calls) instead of the kernel it picks for (out × in) weights;
-    - "linear" also for bfloat16 otherwise (its one-row kernel is PyTorch's fast bf16 GEMV, and the only fast one on
-      CPUs without bf16 instructions; there a prompt of `widened_rows` or more rows is multiplied as "widened" does,
-      widening the weights for that call only: `widens`);
+    - for one bfloat16 row, "linear" (PyTorch's bf16 GEMV) or, where the CPU has bf16 instructions, "prepacked" if
+      it measures faster; on CPUs without them "linear" alone, the only fast one there, and a prompt of
+      `widened_rows` or more rows is multiplied as "widened" does, widening the weights for that call only
+      (`widens`);
     - for a compiled step (see `DecodeLayout.for_compiled_step`), no copies: the layers' own weights, read at each
       call, one product per layer. "linears": each layer's F.linear, which inductor leaves to BLAS. "reduction": each
       product written as multiply-and-sums over the input features, which inductor fuses into one loop over the
@@ -416,8 +417,8 @@ class DecodeLayout:
         # (a compiled step's layout holds no copies, and data pointers cannot be traced: nothing to fingerprint)
         self.sources = [] if self.kind in DecodeMatmul.on_parameters else self.fingerprint(model)
         groups = self.matmul_layers(model)
-        if self.kind == "vector" and model.out_head.weight.dtype == torch.float32:
-            matmuls = self.fastest_one_row_matmuls(groups)
+        if self.kind == "vector":
+            matmuls = self.fastest_one_row_matmuls(groups, model.out_head.weight.dtype)
         else:
             matmuls = [DecodeMatmul(layers, self.kind) for layers in groups]
         self.head = matmuls.pop()
@@ -426,29 +427,40 @@ class DecodeLayout:
                                    *matmuls[i * per_block:(i + 1) * per_block])
                        for i, block in enumerate(model.transformer.trf_blocks)]
 
-    # The fastest one-row float32 kernel for each weight shape, measured once per process for each model shape and
+    # The fastest one-row kernel for each weight shape, measured once per process for each model shape, dtype and
     # thread count.
     one_row_kernels: dict[tuple, dict[tuple, str]] = {}
-    one_row_kinds = ("vector", "linear", "transposed")
-    copy_margin = 1.1  # a kernel that needs more memory (a transposed copy) must be this much faster to be chosen
+    one_row_kinds = {torch.float32: ("vector", "linear", "transposed"), torch.bfloat16: ("linear", "prepacked")}
+    copy_margin = 1.1  # a kernel that needs more memory (a transposed or prepacked copy) must be this much faster
 
     @classmethod
-    def fastest_one_row_matmuls(cls, groups: list[list[nn.Linear]]) -> list[DecodeMatmul]:
-        """The step's matmuls, each through the kernel ("vector", "linear" or "transposed": `DecodeMatmul`) that
-        multiplies one float32 row by weights of its shape fastest on this CPU. Measured, not assumed: the answer
-        differs by CPU and shape (oneDNN's by 1.5x over BLAS on an AMD EPYC, about even on an Intel Xeon; the
-        transposed copy by 1.25x for the tied head on a Zen 3 EPYC: docs/speed.md). Timed taking turns over all the
-        step's weights in a step's order, so caches hold what they would in generate(); once per process (~1 s for
-        gpt2-small, most of it making the transposed copies, all held until the verdict)."""
+    def one_row_candidates(cls, dtype: torch.dtype) -> tuple[str, ...]:
+        """The one-row kernels worth measuring for weights of this dtype on this CPU: oneDNN's (float32, and bfloat16
+        where the CPU has bf16 instructions) and BLAS's; BLAS's alone otherwise."""
+        if not DecodeMatmul.onednn() or (dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return ("linear",)
+        return cls.one_row_kinds.get(dtype, ("linear",))
+
+    @classmethod
+    def fastest_one_row_matmuls(cls, groups: list[list[nn.Linear]], dtype: torch.dtype) -> list[DecodeMatmul]:
+        """The step's matmuls, each through the kernel (`one_row_candidates`: "vector", "linear" or "transposed" in
+        float32, "linear" or "prepacked" in bfloat16; see `DecodeMatmul`) that multiplies one row by weights of its
+        shape fastest on this CPU. Measured, not assumed: the answer differs by CPU and shape (in float32 oneDNN's by
+        1.5x over BLAS on an AMD EPYC, about even on an Intel Xeon, the transposed copy by 1.25x for the tied head on a
+        Zen 3 EPYC; in bfloat16 oneDNN's prepacked weights by 1.46x over BLAS on an AVX-512-BF16 EPYC: docs/speed.md).
+        Timed taking turns over all the step's weights in a step's order, so caches hold what they would in
+        generate(); once per process (~1 s for gpt2-small, most of it making the copies, all held until the
+        verdict)."""
+        kinds = cls.one_row_candidates(dtype)
+        if len(kinds) == 1:
+            return [DecodeMatmul(layers, kinds[0]) for layers in groups]
         shapes = [cls.shape_of(layers) for layers in groups]
-        key = (tuple(shapes), torch.get_num_threads())
+        key = (tuple(shapes), dtype, torch.get_num_threads())
         if key in cls.one_row_kernels:
             return [DecodeMatmul(layers, cls.one_row_kernels[key][shape]) for layers, shape in zip(groups, shapes)]
-        if not DecodeMatmul.onednn():
-            return [DecodeMatmul(layers, "linear") for layers in groups]
-        candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in cls.one_row_kinds}
-        rows = [torch.randn(1, layers[0].in_features) for layers in groups]
-        seconds = {(kind, shape): [0.0] * 4 for kind in cls.one_row_kinds for shape in shapes}
+        candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in kinds}
+        rows = [torch.randn(1, layers[0].in_features, dtype=dtype) for layers in groups]
+        seconds = {(kind, shape): [0.0] * 4 for kind in kinds for shape in shapes}
         with torch.no_grad():
             for turn in range(4):  # taking turns; the first round only warms each kernel up
                 for kind, matmuls in candidates.items():
@@ -458,8 +470,7 @@ class DecodeLayout:
                         seconds[kind, shape][turn] += time.perf_counter() - start
         chosen = {}
         for shape in dict.fromkeys(shapes):
-            nbytes = {kind: sum(m.nbytes for m, s in zip(candidates[kind], shapes) if s == shape)
-                      for kind in cls.one_row_kinds}
+            nbytes = {kind: sum(m.nbytes for m, s in zip(candidates[kind], shapes) if s == shape) for kind in kinds}
             chosen[shape] = cls.pick_one_row_kernel({kind: min(seconds[kind, shape][1:]) for kind in nbytes}, nbytes)
         cls.one_row_kernels[key] = chosen
         return [candidates[chosen[shape]][i] for i, shape in enumerate(shapes)]

@@ -141,7 +141,7 @@ def randomize_biases(model: GPT2ScratchForCausalLM) -> None:
 def measured_one_row_kernel(monkeypatch, kernel: str) -> None:
     """Make the eager one-row layout's measurement pick `kernel` (`DecodeLayout.one_row_kinds`) for every shape."""
     monkeypatch.setattr(DecodeLayout, "fastest_one_row_matmuls",
-                        classmethod(lambda cls, groups: [DecodeMatmul(layers, kernel) for layers in groups]))
+                        classmethod(lambda cls, groups, dtype: [DecodeMatmul(layers, kernel) for layers in groups]))
 
 
 @pytest.mark.parametrize(("one_row_kernel", "dtype", "step_kind"), [
@@ -334,8 +334,7 @@ def generate_both_ways(model: GPT2ScratchForCausalLM, rows: int = 3, **kwargs) -
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind, one_row_kernel, monkeypatch):
     # one fp32 row goes through whichever kernel measured faster here: each is held to the plain tokens
-    monkeypatch.setattr(DecodeLayout, "fastest_one_row_matmuls",
-                        classmethod(lambda cls, groups: [DecodeMatmul(layers, one_row_kernel) for layers in groups]))
+    measured_one_row_kernel(monkeypatch, one_row_kernel)
     model = tiny_model(qkv_bias=qkv_bias)
     randomize_biases(model)
     fast, plain = generate_both_ways(model, rows)
@@ -355,19 +354,26 @@ def test_decode_layout_generates_the_plain_tokens(qkv_bias, rows, kind, one_row_
 
 
 def one_row_kind_of_call(function, args) -> str:
-    """Which one-row kernel a call is: F.linear, or oneDNN's linear on weights as they are or on a transposed copy."""
+    """Which one-row kernel a call is: F.linear, or oneDNN's linear on float32 weights as they are or on a transposed
+    copy, or on prepacked bfloat16 weights."""
     if function == "linear":
         return "linear"
+    if args[1].dtype == torch.bfloat16:
+        return "prepacked"
     return "vector" if args[1].is_contiguous() else "transposed"
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernel is one of the candidates")
-@pytest.mark.parametrize("fastest", DecodeLayout.one_row_kinds)
-def test_one_fp32_row_takes_the_kernel_measured_fastest(fastest, monkeypatch, request):
+@pytest.mark.parametrize(("dtype", "fastest"), [(dtype, kind) for dtype, kinds in DecodeLayout.one_row_kinds.items()
+                                                for kind in kinds])
+def test_one_row_takes_the_kernel_measured_fastest(dtype, fastest, monkeypatch, request):
     """Which one-row kernel is fastest depends on the CPU and the weight's shape, so the layout measures: with the
     others held back by 10 ms a call, each kernel wins in turn, for every shape; the verdict is kept for the process
-    (a new layout does not measure again). One thread: under make test's load, a 2-thread oneDNN call can wait a
-    scheduler slice for its second thread."""
+    (a new layout does not measure again). bfloat16 chooses between BLAS and oneDNN's prepacked weights where the CPU
+    has bf16 instructions (elsewhere BLAS alone: `test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated`).
+    One thread: under make test's load, a 2-thread oneDNN call can wait a scheduler slice for its second thread."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no bf16 instructions: one bf16 row always goes through BLAS")
     monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -386,17 +392,17 @@ def test_one_fp32_row_takes_the_kernel_measured_fastest(fastest, monkeypatch, re
 
     held_back(torch.ops.mkldnn, "_linear_pointwise")
     held_back(torch.nn.functional, "linear")
-    model = tiny_model()
+    model = tiny_model().to(dtype)
     layout = model.decode_layout(1)
     [verdict] = DecodeLayout.one_row_kernels.values()
     assert set(verdict.values()) == {fastest} and len(verdict) == 5  # QKV, out_proj, the two FeedForward, the head
     assert all(m.kind == fastest for m in layout.matmuls())
-    config = model.config
-    qkv = config.n_layers * 3 * config.emb_dim**2 * 4  # the fused query/key/value copy
-    every_weight = sum(layer.weight.numel() * 4 for group in DecodeLayout.matmul_layers(model) for layer in group)
-    assert layout.nbytes() == (every_weight if fastest == "transposed" else qkv)
+    config, size = model.config, dtype.itemsize
+    qkv = config.n_layers * 3 * config.emb_dim**2 * size  # the fused query/key/value copy
+    every_weight = sum(layer.weight.numel() * size for group in DecodeLayout.matmul_layers(model) for layer in group)
+    assert layout.nbytes() == (every_weight if fastest in ("transposed", "prepacked") else qkv)
     calls.clear()
-    assert all(m.kind == fastest for m in DecodeLayout(tiny_model(), 1).matmuls()) and not calls
+    assert all(m.kind == fastest for m in DecodeLayout(tiny_model().to(dtype), 1).matmuls()) and not calls
 
 
 def test_a_one_row_kernel_that_needs_a_copy_must_be_clearly_faster():
@@ -436,10 +442,11 @@ def test_decode_layout_in_bfloat16_gives_the_plain_logits():
 
 
 def test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated():
-    """The one-row layout in bf16 multiplies by F.linear ("linear"). On a CPU without bf16 instructions, where each row
-    of an emulated bf16 matmul costs a matrix-vector product, a prompt of `widened_rows` rows or more is multiplied in
-    float32 on weights widened for that call (the float32 product, rounded); fewer rows, and every row on a CPU with
-    bf16 instructions, in bf16. generate() from such a prompt gives the plain modules' logits."""
+    """On a CPU without bf16 instructions the one-row layout in bf16 multiplies by F.linear ("linear"; with them,
+    whichever of it and oneDNN's prepacked weights measures faster). There, where each row of an emulated bf16 matmul
+    costs a matrix-vector product, a prompt of `widened_rows` rows or more is multiplied in float32 on weights
+    widened for that call (the float32 product, rounded); fewer rows, and every row on a CPU with bf16 instructions,
+    in bf16. generate() from such a prompt gives the plain modules' logits."""
 
     class LinearDtypes(torch.overrides.TorchFunctionMode):  # the dtype each F.linear call multiplies in
         def __init__(self) -> None:
@@ -454,8 +461,9 @@ def test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated():
     model = tiny_model().to(torch.bfloat16)
     emulated = not (DecodeMatmul.onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     layout = model.decode_layout(1)
-    assert {(matmul.kind, matmul.emulated_bf16) for matmul in layout.matmuls()} == {("linear", emulated)}
-    matmul = layout.blocks[0].widen
+    kinds = {(matmul.kind, matmul.emulated_bf16) for matmul in layout.matmuls()}
+    assert kinds == {("linear", True)} if emulated else kinds <= {("linear", False), ("prepacked", False)}
+    matmul = DecodeMatmul([model.transformer.trf_blocks[0].ff.layers[0]], "linear")
     torch.manual_seed(3)
     prompt = torch.randn(1, DecodeMatmul.widened_rows, matmul.in_features).bfloat16()
     with LinearDtypes() as calls:
