@@ -272,8 +272,7 @@ class DecodeMatmul:
             return
         weight = self.fused([layer.weight for layer in layers])
         self.bias = None if layers[0].bias is None else self.fused([layer.bias for layer in layers])
-        onednn = self.onednn()
-        bf16_onednn = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        onednn, bf16_onednn = self.onednn(), self.onednn_bf16()
         if weight.dtype == torch.float32 and (onednn or kind == "linear"):
             self.kind = kind
         elif onednn and weight.dtype == torch.bfloat16 and kind == "prepacked":
@@ -298,6 +297,11 @@ class DecodeMatmul:
     def onednn() -> bool:
         """Whether this PyTorch has oneDNN and it is switched on."""
         return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+    @classmethod
+    def onednn_bf16(cls) -> bool:
+        """Whether oneDNN multiplies bf16 natively here: on, and the CPU has bf16 instructions."""
+        return cls.onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
     @classmethod
     def blocked_product(cls, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -437,7 +441,7 @@ class DecodeLayout:
     def one_row_candidates(cls, dtype: torch.dtype) -> tuple[str, ...]:
         """The one-row kernels worth measuring for weights of this dtype on this CPU: oneDNN's (float32, and bfloat16
         where the CPU has bf16 instructions) and BLAS's; BLAS's alone otherwise."""
-        if not DecodeMatmul.onednn() or (dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        if not DecodeMatmul.onednn() or (dtype == torch.bfloat16 and not DecodeMatmul.onednn_bf16()):
             return ("linear",)
         return cls.one_row_kinds.get(dtype, ("linear",))
 
