@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from gpt2_scratch.convert import config_to_hf, convert_directory, from_hf
-from gpt2_scratch.modeling_gpt2_scratch import DecodeMatmul
+from gpt2_scratch.modeling_gpt2_scratch import DecodeLayout, DecodeMatmul
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -317,8 +317,11 @@ def main() -> None:
         print(f"one {name} row, the kernel measured fastest here per weight shape: "
               + "; ".join(f"{shape} {kernel}" for shape, kernel in one_row.items()))
     compiled = "BLAS" if ours.decode_layout(1).head.kind == "linear" else "inductor's reduction loop"
-    print(f"a compiled one-row step calls {compiled} (bf16: inductor's reduction loop); a compiled step of up to "
-          f"{DecodeMatmul.max_rows} rows, inductor's loop summing each row\n")
+    several = ("oneDNN's prepacked copies (the eager layout's, kept beside the parameters)"
+               if DecodeLayout.packs_several_rows() else
+               f"for up to {DecodeMatmul.max_rows} rows, inductor's loop summing each row")
+    print(f"a compiled one-row step calls {compiled} (bf16: inductor's reduction loop); a compiled step of several "
+          f"rows multiplies by {several}\n")
 
     workers = {} if args.no_ctranslate2 else ctranslate2_workers(ours, small.vocab_size, args.threads)
     plain = copy.deepcopy(ours)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import re
 import time
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import (
     GenerationMixin,
     GPT2ForSequenceClassification,
@@ -244,15 +246,17 @@ class DecodeMatmul:
       it measures faster; on CPUs without them "linear" alone, the only fast one there, and a prompt of
       `widened_rows` or more rows is multiplied as "widened" does, widening the weights for that call only
       (`widens`);
-    - for a compiled step (see `DecodeLayout.for_compiled_step`), no copies: the layers' own weights, read at each
-      call, one product per layer. "linears": each layer's F.linear, which inductor leaves to BLAS. "reduction": each
-      product written as multiply-and-sums over the input features, which inductor fuses into one loop over the
-      weight's rows (`blocked_product`; its own `decompose_mm` pass writes small one-row products the same way, in one
-      block); run eagerly, it would materialise every product: it is only ever traced.
+    - for a compiled step (see `DecodeLayout.for_compiled_step`), the layers' own weights, passed at each call, one
+      product per layer. "linears": each layer's F.linear, which inductor leaves to BLAS. "reduction": each product
+      written as multiply-and-sums over the input features, which inductor fuses into one loop over the weight's rows
+      (`blocked_product`; its own `decompose_mm` pass writes small one-row products the same way, in one block); run
+      eagerly, it would materialise every product: it is only ever traced. "packed": the operator
+      `gpt2_scratch::prepacked_linear`, which inductor calls as it is, multiplying by a "prepacked" copy kept beside
+      the parameters and rebuilt whenever one of them has changed (`prepacked_linear`).
     """
 
-    # the kinds of a compiled step: nothing derived, so nothing to fingerprint
-    on_parameters = ("reduction", "linears")
+    # the kinds of a compiled step: nothing derived in the layout, so nothing for it to fingerprint
+    on_parameters = ("reduction", "linears", "packed")
     # Row blocks per weight in a one-row "reduction": inductor's loop then reads 4 rows at once, 4 independent sums over
     # 4 memory streams (8 blocks against one: the compiled step 1.23-1.36x faster in fp32 on a Zen 3 EPYC). Not 8: a
     # bf16 sum takes two AVX2 registers, and 8 of them spilled to the stack (4: bf16 ~1.04x, fp32 even; docs/speed.md).
@@ -266,7 +270,7 @@ class DecodeMatmul:
     emulated_bf16 = False  # bf16 weights on a CPU without bf16 instructions, multiplied by F.linear ("linear")
 
     def __init__(self, layers: list[nn.Linear], kind: str) -> None:
-        self.in_features = layers[0].in_features
+        self.in_features = layers[0].weight.shape[1]
         if kind in self.on_parameters:  # nothing derived: the parameters themselves, read when the step runs
             self.kind, self.layers, self.weight, self.bias, self.nbytes = kind, layers, None, None, 0
             return
@@ -321,12 +325,19 @@ class DecodeMatmul:
         return self.emulated_bf16 and x.numel() >= self.widened_rows * self.in_features
 
     @staticmethod
+    def parameters_of(layers: list[nn.Linear]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The layers' weights, and their biases where they have them."""
+        return [layer.weight for layer in layers], [layer.bias for layer in layers if layer.bias is not None]
+
+    @staticmethod
     def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
         """The parameter itself where there is one (no copy), else the parameters stacked along dim 0."""
         return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind in self.on_parameters:
+            if self.kind == "packed":
+                return torch.ops.gpt2_scratch.prepacked_linear(x, *self.parameters_of(self.layers))
             if self.kind == "linears":
                 products = [F.linear(x, layer.weight, layer.bias) for layer in self.layers]
             else:
@@ -352,6 +363,39 @@ class DecodeMatmul:
         rows = x.float() if widened else x
         product = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return product.to(x.dtype) if widened else product
+
+
+# oneDNN's prepacked copies of the weights, kept beside the parameters: first weight → (the marks of the parameters
+# it was built from, the "prepacked" DecodeMatmul), gone with the weight. The eager layout of several rows and a
+# compiled step's operator share them. A compiled step cannot hold the copies itself: inductor takes them only as
+# constants, which would go stale after an optimizer step; it calls `prepacked_linear` on the parameters instead.
+PREPACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def prepacked_matmul(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> DecodeMatmul:
+    """The "prepacked" DecodeMatmul of these weights side by side (and biases, if any), from PREPACKED: built at the
+    first call and again whenever one of them has been changed, replaced or moved since."""
+    marks = DecodeLayout.marks([*weights, *biases])
+    kept = PREPACKED.get(weights[0])
+    if kept is None or kept[0] != marks:
+        PREPACKED.pop(weights[0], None)  # free the stale copy before building the new one
+        layers = [SimpleNamespace(weight=w, bias=b) for w, b in zip(weights, biases or [None] * len(weights))]
+        kept = PREPACKED[weights[0]] = marks, DecodeMatmul(layers, "prepacked")
+    return kept[1]
+
+
+def prepacked_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """x times these weights side by side, plus the biases: the operator a "packed" compiled step calls."""
+    return prepacked_matmul(weights, biases)(x)
+
+
+# Registered once per process, though this file may be imported twice (as the package's module, and as the copy
+# saved beside a checkpoint).
+if not hasattr(torch.ops.gpt2_scratch, "prepacked_linear"):
+    torch.library.custom_op("gpt2_scratch::prepacked_linear", prepacked_linear, mutates_args=(),
+                            schema="(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor")
+    torch.library.register_fake("gpt2_scratch::prepacked_linear")(
+        lambda x, weights, biases: x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))))
 
 
 class DecodeBlock(NamedTuple):
@@ -423,6 +467,8 @@ class DecodeLayout:
         groups = self.matmul_layers(model)
         if self.kind == "vector":
             matmuls = self.fastest_one_row_matmuls(groups, model.out_head.weight.dtype)
+        elif self.kind == "prepacked":  # the copies a compiled step's operator uses too
+            matmuls = [prepacked_matmul(*DecodeMatmul.parameters_of(layers)) for layers in groups]
         else:
             matmuls = [DecodeMatmul(layers, self.kind) for layers in groups]
         self.head = matmuls.pop()
@@ -496,12 +542,24 @@ class DecodeLayout:
         reads the weights as they are when it runs (optimizer steps included) and nothing is built or kept.
         One float32 row, where BLAS's matrix-vector product measured fastest for the head, the largest matmul, in the
         eager step (the one-row layout the eager prefill built: `fastest_one_row_matmuls`): the step calls it
-        ("linears": an Intel Xeon, docs/speed.md). Otherwise inductor's own loop ("reduction": where a oneDNN kernel
-        won, in bfloat16, and for up to `DecodeMatmul.max_rows` rows); more rows keep the modules' linears."""
+        ("linears": an Intel Xeon, docs/speed.md). Several rows where oneDNN multiplies bf16 natively: oneDNN's
+        prepacked weights, as the eager step ("packed"; on the AVX-512-BF16 EPYC at batch 8 1.35x inductor's loop in
+        fp32, 1.42x in bf16). Otherwise inductor's own loop ("reduction": where a oneDNN kernel won, in bfloat16, and
+        for up to `DecodeMatmul.max_rows` rows; it won on a Zen 3 EPYC); more rows keep the modules' linears."""
         measured = model._decode_layout
         blas = (rows == 1 and model.out_head.weight.dtype == torch.float32 and measured is not None
                 and measured.kind == "vector" and measured.head.kind == "linear")
+        if rows > 1 and cls.packs_several_rows():
+            return cls(model, rows, kind="packed")
         return cls(model, rows, kind="linears" if blas or rows > DecodeMatmul.max_rows else "reduction")
+
+    @staticmethod
+    @torch.compiler.assume_constant_result  # asked while tracing: the answer is fixed into the compiled step
+    def packs_several_rows() -> bool:
+        """Whether a compiled step of several rows multiplies by oneDNN's prepacked weights: where oneDNN has bf16
+        instructions to use (measured faster than inductor's loop on such a CPU, docs/speed.md; slower on a Zen 3
+        EPYC, without them)."""
+        return DecodeMatmul.onednn_bf16()
 
     @classmethod
     def matmul_layers(cls, model: GPT2ScratchForCausalLM) -> list[list[nn.Linear]]:
@@ -521,9 +579,14 @@ class DecodeLayout:
         several rows are multiplied by oneDNN's prepacked weights."""
         return "vector" if rows == 1 else "prepacked"
 
+    @classmethod
+    def fingerprint(cls, model: GPT2ScratchForCausalLM) -> list[tuple]:
+        return cls.marks(model.parameters())
+
     @staticmethod
-    def fingerprint(model: GPT2ScratchForCausalLM) -> list[tuple]:
-        return [(id(p), p.data_ptr(), p.dtype, p.device, p._version) for p in model.parameters()]
+    def marks(tensors) -> list[tuple]:
+        """What changes when a tensor is replaced, moved, cast or written in place (its version counter)."""
+        return [(id(t), t.data_ptr(), t.dtype, t.device, t._version) for t in tensors]
 
     @staticmethod
     def applies_to(model: GPT2ScratchForCausalLM) -> bool:
@@ -535,7 +598,10 @@ class DecodeLayout:
         return self.kind_for(rows) == self.kind and self.fingerprint(model) == self.sources
 
     def nbytes(self) -> int:
-        """Memory held beyond the parameters themselves."""
+        """Memory held beyond the parameters themselves (for "packed", the copies its operator keeps so far)."""
+        if self.kind == "packed":
+            kept = [PREPACKED.get(matmul.layers[0].weight) for matmul in self.matmuls()]
+            return sum(entry[1].nbytes for entry in kept if entry is not None)
         return sum(matmul.nbytes for matmul in self.matmuls())
 
     def matmuls(self) -> list[DecodeMatmul]:
@@ -550,8 +616,10 @@ class DecodeLayout:
         if cache is not None:
             GrowingLayer.grow_in_place(cache)
         # Attention summed where measured faster (docs/speed.md): in bf16 (the fused kernel takes float32 copies of the
-        # whole cache), and among inductor's own loops ("reduction"), which it then joins (fp32, one row: 1.08x)
-        summed = self.kind == "reduction" or (self.kind in DecodeMatmul.on_parameters and x.dtype == torch.bfloat16)
+        # whole cache), among inductor's own loops ("reduction"), which it then joins (fp32, one row: 1.08x), and
+        # between oneDNN's ("packed": fp32, batch 8, 1.05x)
+        summed = self.kind in ("reduction", "packed") or (
+            self.kind in DecodeMatmul.on_parameters and x.dtype == torch.bfloat16)
         for norm1, att, norm2, gelu, qkv, out_proj, widen, narrow in self.blocks:
             queries, keys, values = map(att.split_heads, qkv(norm1(x)).chunk(3, dim=-1))
             if cache is not None:
@@ -954,7 +1022,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         self.out_head = new_embeddings
 
     # generate() multiplies by a DecodeLayout (fused query/key/value copies, and for several rows prepacked copies of
-    # every matmul weight); False saves that memory.
+    # every matmul weight, also kept for a compiled step: `prepacked_linear`); False saves that memory.
     fast_decoding = True
 
     def decode_layout(self, rows: int = 1) -> DecodeLayout | None:
@@ -962,6 +1030,8 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         another row count) now; None where they do not apply. generate() calls it with its batch size."""
         if not (self.fast_decoding and DecodeLayout.applies_to(self)):
             self._decode_layout = None
+            for layers in DecodeLayout.matmul_layers(self):  # and the copies a compiled step's operator kept
+                PREPACKED.pop(layers[0].weight, None)
             return None
         if self._decode_layout is None or not self._decode_layout.fits(self, rows):
             self._decode_layout = None  # free the stale copy before building the new one

@@ -16,7 +16,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchForCausalLM
-from gpt2_scratch.modeling_gpt2_scratch import DecodeLayout, DecodeMatmul, GrowingLayer, causal_mask
+from gpt2_scratch.modeling_gpt2_scratch import PREPACKED, DecodeLayout, DecodeMatmul, GrowingLayer, causal_mask
 
 
 def tiny_model(impl: str = "sdpa", **overrides) -> GPT2ScratchForCausalLM:
@@ -211,8 +211,10 @@ def test_a_compiled_step_of_several_rows_sums_each_row_over_the_parameters(dtype
                                                                           fresh_dynamo):
     """Several rows compiled (a left-padded batch of 3): up to `DecodeMatmul.max_rows` rows, one multiply-and-sum per
     row and weight over the parameters themselves (kind "reduction", no linear left); more rows, the layers'
-    F.linear. Either way the dynamic cache's tokens."""
+    F.linear. Either way the dynamic cache's tokens. (Where oneDNN has bf16 instructions, such a step multiplies by
+    prepacked copies instead: the next test.)"""
     monkeypatch.setattr(DecodeMatmul, "max_rows", max_rows)
+    monkeypatch.setattr(DecodeLayout, "packs_several_rows", staticmethod(lambda: False))
     model = tiny_model(qkv_bias=True).to(dtype)
     randomize_biases(model)
     graphs = []
@@ -236,6 +238,64 @@ def test_a_compiled_step_of_several_rows_sums_each_row_over_the_parameters(dtype
     sums += 2 * model.config.n_layers if summed else 0  # the scores and the context
     assert sum(node.target == "sum" for node in step) == sums
     assert len(linears) == (0 if max_rows >= len(ids) else products)
+
+
+@pytest.mark.skipif(not DecodeMatmul.onednn(), reason="oneDNN's prepacked weights need a PyTorch with oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_step_of_several_rows_calls_onednn_on_copies_kept_beside_the_parameters(dtype, monkeypatch,
+                                                                                          fresh_dynamo):
+    """Where oneDNN has bf16 instructions (forced here), a compiled step of several rows multiplies by oneDNN's
+    prepacked weights, as the eager step does: inductor cannot hold them (it would take them as constants), so the
+    step calls `gpt2_scratch::prepacked_linear` on the parameters, once per fused product, which keeps the copies
+    beside them, shared with the eager layout. They are built once, not per step; after an optimizer step the same
+    compiled step follows the new weights (the copies are rebuilt); `fast_decoding = False` frees them. The dynamic
+    cache's tokens throughout."""
+    monkeypatch.setattr(DecodeLayout, "packs_several_rows", staticmethod(lambda: True))
+    model = tiny_model(qkv_bias=True).to(dtype)
+    randomize_biases(model)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    def dynamic_and_compiled() -> tuple[torch.Tensor, torch.Tensor]:
+        return model.generate(ids, **kwargs), model.generate(
+            ids, cache_implementation="static", compile_config=cpu_compile_config(recording_backend), **kwargs)
+
+    def kept() -> list:
+        return [PREPACKED.get(layers[0].weight) for layers in DecodeLayout.matmul_layers(model)]
+
+    before, compiled = dynamic_and_compiled()
+    assert torch.equal(before, compiled)
+    step = graphs[-1].graph.nodes
+    calls = [node for node in step if "gpt2_scratch.prepacked_linear" in str(node.target)]
+    assert len(calls) == 4 * model.config.n_layers + 1  # query/key/value fused, out_proj, both feed-forward, head
+    assert not [node for node in step if "linear" in str(node.target) and node not in calls]
+    assert not [node for node in step if "scaled_dot_product_attention" in str(node.target)]
+    assert sum(node.target == "sum" for node in step) == 2 * model.config.n_layers  # attention summed
+    copies = kept()
+    assert all(entry is not None and entry[1].kind in ("prepacked", "widened") for entry in copies)
+    assert DecodeLayout(model, len(ids), kind="packed").nbytes() == sum(entry[1].nbytes for entry in copies) > 0
+    assert model._decode_layout.matmuls() == [entry[1] for entry in copies]  # the eager steps' copies: one set
+    assert torch.equal(dynamic_and_compiled()[1], compiled)
+    assert [entry[1] for entry in kept()] == [entry[1] for entry in copies]  # not rebuilt: nothing changed
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    after, compiled = dynamic_and_compiled()
+    assert torch.equal(after, compiled) and not torch.equal(after, before)
+    assert len(graphs) == 1  # the same compiled step, on copies rebuilt from the new weights
+    assert all(new[1] is not old[1] for new, old in zip(kept(), copies))
+    model.fast_decoding = False
+    model.generate(ids, **kwargs)
+    assert kept() == [None] * len(copies)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
@@ -267,15 +327,24 @@ def test_inductor_compiles_the_one_row_step_to_the_same_tokens(one_row_kernel, m
     assert torch.equal(model.generate(prompt, **kwargs), compiled)
 
 
-def test_inductor_compiles_a_step_of_several_rows_to_the_same_tokens(fresh_dynamo):
-    """inductor's loop summing each row over the weights (a left-padded batch of 3): the dynamic cache's tokens."""
+@pytest.mark.parametrize("packs", [False, True])
+def test_inductor_compiles_a_step_of_several_rows_to_the_same_tokens(packs, monkeypatch, fresh_dynamo):
+    """inductor's loop summing each row over the weights, or its calls to the operator multiplying by oneDNN's
+    prepacked copies (a left-padded batch of 3): the dynamic cache's tokens."""
+    if packs and not DecodeMatmul.onednn():
+        pytest.skip("oneDNN's prepacked weights need a PyTorch with oneDNN")
+    monkeypatch.setattr(DecodeLayout, "packs_several_rows", staticmethod(lambda: packs))
     model = tiny_model(n_layers=1, qkv_bias=True)
     randomize_biases(model)
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    compiled = model.generate(ids, cache_implementation="static", compile_config=cpu_compile_config("inductor"),
-                              **kwargs)
+    static = dict(cache_implementation="static", compile_config=cpu_compile_config("inductor"))
+    compiled = model.generate(ids, **static, **kwargs)
     assert torch.equal(model.generate(ids, **kwargs), compiled)
+    if packs:  # inductor hands the operator the parameters themselves: the copies are kept, not rebuilt each step
+        copies = [PREPACKED[layers[0].weight][1] for layers in DecodeLayout.matmul_layers(model)]
+        assert torch.equal(model.generate(ids, **static, **kwargs), compiled)
+        assert [PREPACKED[layers[0].weight][1] for layers in DecodeLayout.matmul_layers(model)] == copies
 
 
 def test_a_copy_compiles_a_step_of_its_own(fresh_dynamo):
