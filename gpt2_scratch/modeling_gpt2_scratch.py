@@ -251,8 +251,8 @@ class DecodeMatmul:
       written as multiply-and-sums over the input features, which inductor fuses into one loop over the weight's rows
       (`blocked_product`; its own `decompose_mm` pass writes small one-row products the same way, in one block); run
       eagerly, it would materialise every product: it is only ever traced. "packed": the operator
-      `gpt2_scratch::prepacked_linear`, which inductor calls as it is, multiplying by a "prepacked" copy kept beside
-      the parameters and rebuilt whenever one of them has changed (`prepacked_linear`).
+      `prepacked_linear`, which inductor calls as it is, multiplying by a "prepacked" copy kept beside the parameters
+      and rebuilt whenever one of them has changed.
     """
 
     # the kinds of a compiled step: nothing derived in the layout, so nothing for it to fingerprint
@@ -337,7 +337,7 @@ class DecodeMatmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind in self.on_parameters:
             if self.kind == "packed":
-                return torch.ops.gpt2_scratch.prepacked_linear(x, *self.parameters_of(self.layers))
+                return getattr(torch.ops, OPERATOR_NAMESPACE).prepacked_linear(x, *self.parameters_of(self.layers))
             if self.kind == "linears":
                 products = [F.linear(x, layer.weight, layer.bias) for layer in self.layers]
             else:
@@ -389,12 +389,15 @@ def prepacked_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[
     return prepacked_matmul(weights, biases)(x)
 
 
-# Registered once per process, though this file may be imported twice (as the package's module, and as the copy
-# saved beside a checkpoint).
-if not hasattr(torch.ops.gpt2_scratch, "prepacked_linear"):
-    torch.library.custom_op("gpt2_scratch::prepacked_linear", prepacked_linear, mutates_args=(),
-                            schema="(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor")
-    torch.library.register_fake("gpt2_scratch::prepacked_linear")(
+# One operator for each copy of this file a process imports (the package's module; a checkpoint's copy, loaded as
+# remote code), each on its own PREPACKED; registered once, as a plain CPU kernel: `torch.library.custom_op`'s Python
+# layers cost ~14 µs more a call (49 calls a step). Decoding only: it has no gradient.
+OPERATOR_NAMESPACE = "gpt2_scratch_" + re.sub(r"\W", "_", __name__)
+if not hasattr(getattr(torch.ops, OPERATOR_NAMESPACE), "prepacked_linear"):
+    OPERATORS = torch.library.Library(OPERATOR_NAMESPACE, "DEF")  # the registrations live as long as this object
+    OPERATORS.define("prepacked_linear(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor")
+    OPERATORS.impl("prepacked_linear", prepacked_linear, "CPU")
+    torch.library.register_fake(f"{OPERATOR_NAMESPACE}::prepacked_linear", lib=OPERATORS)(
         lambda x, weights, biases: x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))))
 
 

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_config
 from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from gpt2_scratch import GPT2ScratchForCausalLM
+from gpt2_scratch import modeling_gpt2_scratch as package
 from gpt2_scratch.modeling_gpt2_scratch import PREPACKED, DecodeLayout, DecodeMatmul, GrowingLayer, causal_mask
 
 
@@ -246,7 +248,7 @@ def test_a_compiled_step_of_several_rows_calls_onednn_on_copies_kept_beside_the_
                                                                                           fresh_dynamo):
     """Where oneDNN has bf16 instructions (forced here), a compiled step of several rows multiplies by oneDNN's
     prepacked weights, as the eager step does: inductor cannot hold them (it would take them as constants), so the
-    step calls `gpt2_scratch::prepacked_linear` on the parameters, once per fused product, which keeps the copies
+    step calls the operator `prepacked_linear` on the parameters, once per fused product, which keeps the copies
     beside them, shared with the eager layout. They are built once, not per step; after an optimizer step the same
     compiled step follows the new weights (the copies are rebuilt); `fast_decoding = False` frees them. The dynamic
     cache's tokens throughout."""
@@ -272,7 +274,7 @@ def test_a_compiled_step_of_several_rows_calls_onednn_on_copies_kept_beside_the_
     before, compiled = dynamic_and_compiled()
     assert torch.equal(before, compiled)
     step = graphs[-1].graph.nodes
-    calls = [node for node in step if "gpt2_scratch.prepacked_linear" in str(node.target)]
+    calls = [node for node in step if str(node.target).endswith(".prepacked_linear")]
     assert len(calls) == 4 * model.config.n_layers + 1  # query/key/value fused, out_proj, both feed-forward, head
     assert not [node for node in step if "linear" in str(node.target) and node not in calls]
     assert not [node for node in step if "scaled_dot_product_attention" in str(node.target)]
@@ -296,6 +298,27 @@ def test_a_compiled_step_of_several_rows_calls_onednn_on_copies_kept_beside_the_
     model.fast_decoding = False
     model.generate(ids, **kwargs)
     assert kept() == [None] * len(copies)
+
+
+def test_a_checkpoints_copy_of_the_modeling_file_registers_an_operator_of_its_own(tmp_path):
+    """Loaded as remote code beside the package, a checkpoint's copy of the modeling file registers the prepacked
+    operator under its own name, over its own kept copies, which its eager layout shares: one set per model."""
+    tiny_model(qkv_bias=True).save_pretrained(tmp_path)
+    # the class the folder's auto_map names, from its own files (AutoModelForCausalLM takes the package's registered
+    # class where the package is imported, as here; imported the other way round, both copies are loaded)
+    remote_class = get_class_from_dynamic_module("modeling_gpt2_scratch.GPT2ScratchForCausalLM", tmp_path)
+    model = remote_class.from_pretrained(tmp_path).eval()
+    remote = sys.modules[remote_class.__module__]
+    assert remote is not package and remote.OPERATOR_NAMESPACE != package.OPERATOR_NAMESPACE
+    att = model.transformer.trf_blocks[0].att
+    layers = [att.W_query, att.W_key, att.W_value]
+    weights, biases = DecodeMatmul.parameters_of(layers)
+    x = torch.randn(3, layers[0].in_features)
+    product = getattr(torch.ops, remote.OPERATOR_NAMESPACE).prepacked_linear(x, weights, biases)
+    torch.testing.assert_close(product, torch.cat([layer(x) for layer in layers], dim=-1))
+    assert weights[0] in remote.PREPACKED and weights[0] not in PREPACKED
+    layout = remote.DecodeLayout(model, rows=3)
+    assert layout.blocks[0].qkv is remote.PREPACKED[weights[0]][1]  # the operator's copy, not a second one
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
