@@ -541,14 +541,16 @@ class DecodeLayout:
 
     @classmethod
     def for_compiled_step(cls, model: GPT2ScratchForCausalLM, rows: int) -> DecodeLayout:
-        """The layout a compiled decode step traces: products over the parameters themselves, so the compiled step
-        reads the weights as they are when it runs (optimizer steps included) and nothing is built or kept.
+        """The layout a compiled decode step traces: products over the parameters themselves, passed at each call, so
+        the compiled step reads the weights as they are when it runs (optimizer steps included); nothing is frozen
+        into it.
         One float32 row, where BLAS's matrix-vector product measured fastest for the head, the largest matmul, in the
         eager step (the one-row layout the eager prefill built: `fastest_one_row_matmuls`): the step calls it
         ("linears": an Intel Xeon, docs/speed.md). Several rows where oneDNN multiplies bf16 natively: oneDNN's
-        prepacked weights, as the eager step ("packed"; on the AVX-512-BF16 EPYC at batch 8 1.35x inductor's loop in
-        fp32, 1.42x in bf16). Otherwise inductor's own loop ("reduction": where a oneDNN kernel won, in bfloat16, and
-        for up to `DecodeMatmul.max_rows` rows; it won on a Zen 3 EPYC); more rows keep the modules' linears."""
+        prepacked weights, as the eager step, kept beside the parameters by the operator it calls ("packed",
+        `prepacked_matmul`; on the AVX-512-BF16 EPYC at batch 8 1.34x inductor's loop in fp32, 1.41x in bf16).
+        Otherwise inductor's own loop ("reduction": where a oneDNN kernel won, in bfloat16, and for up to
+        `DecodeMatmul.max_rows` rows; it won on a Zen 3 EPYC); more rows keep the modules' linears."""
         measured = model._decode_layout
         blas = (rows == 1 and model.out_head.weight.dtype == torch.float32 and measured is not None
                 and measured.kind == "vector" and measured.head.kind == "linear")
