@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -140,6 +141,37 @@ def randomize_biases(model: GPT2ScratchForCausalLM) -> None:
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
 
 
+def graph_recorder() -> tuple[list, Callable]:
+    """A torch.compile backend that runs each captured graph as captured, and the list it keeps them in."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return graphs, recording_backend
+
+
+def optimizer_step(model: GPT2ScratchForCausalLM, ids: torch.Tensor) -> None:
+    """One SGD step on the model's loss over `ids` (lr 1.0, so the tokens change), back in eval mode."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+
+
+def several_rows_compiled(monkeypatch, dtype: torch.dtype, packs: bool) -> tuple[GPT2ScratchForCausalLM, torch.Tensor,
+                                                                                 dict]:
+    """A tiny model in `dtype` (random biases) whose compiled steps of several rows multiply by oneDNN's copies or
+    not, a left-padded batch of 3, and greedy generate() arguments for it."""
+    monkeypatch.setattr(DecodeLayout, "packs_several_rows", staticmethod(lambda: packs))
+    model = tiny_model(qkv_bias=True).to(dtype)
+    randomize_biases(model)
+    ids, mask = left_padded_batch()
+    return model, ids, dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
 def measured_one_row_kernel(monkeypatch, kernel: str) -> None:
     """Make the eager one-row layout's measurement pick `kernel` (`DecodeLayout.one_row_kinds`) for every shape."""
     monkeypatch.setattr(DecodeLayout, "fastest_one_row_matmuls",
@@ -197,11 +229,7 @@ def test_a_compiled_one_row_step_multiplies_the_parameters_themselves(one_row_ke
             (6 * model.config.n_layers + 1) * DecodeMatmul.streams + 2 * model.config.n_layers)
     assert len(graphs) == 1
 
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model(prompt, labels=prompt).loss.backward()
-    optimizer.step()
-    model.eval()
+    optimizer_step(model, prompt)
     after, compiled = dynamic_and_compiled()
     assert torch.equal(after, compiled) and not torch.equal(after, before)
     assert len(graphs) == 1  # the same compiled step, reading the new weights
@@ -216,17 +244,8 @@ def test_a_compiled_step_of_several_rows_sums_each_row_over_the_parameters(dtype
     F.linear. Either way the dynamic cache's tokens. (Where oneDNN has bf16 instructions, such a step multiplies by
     prepacked copies instead: the next test.)"""
     monkeypatch.setattr(DecodeMatmul, "max_rows", max_rows)
-    monkeypatch.setattr(DecodeLayout, "packs_several_rows", staticmethod(lambda: False))
-    model = tiny_model(qkv_bias=True).to(dtype)
-    randomize_biases(model)
-    graphs = []
-
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model, ids, kwargs = several_rows_compiled(monkeypatch, dtype, packs=False)
+    graphs, recording_backend = graph_recorder()
     compiled = model.generate(ids, cache_implementation="static", compile_config=cpu_compile_config(recording_backend),
                               **kwargs)
     assert torch.equal(model.generate(ids, **kwargs), compiled)
@@ -252,17 +271,8 @@ def test_a_compiled_step_of_several_rows_calls_onednn_on_copies_kept_beside_the_
     beside them, shared with the eager layout. They are built once, not per step; after an optimizer step the same
     compiled step follows the new weights (the copies are rebuilt); `fast_decoding = False` frees them. The dynamic
     cache's tokens throughout."""
-    monkeypatch.setattr(DecodeLayout, "packs_several_rows", staticmethod(lambda: True))
-    model = tiny_model(qkv_bias=True).to(dtype)
-    randomize_biases(model)
-    graphs = []
-
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model, ids, kwargs = several_rows_compiled(monkeypatch, dtype, packs=True)
+    graphs, recording_backend = graph_recorder()
 
     def dynamic_and_compiled() -> tuple[torch.Tensor, torch.Tensor]:
         return model.generate(ids, **kwargs), model.generate(
@@ -286,11 +296,7 @@ def test_a_compiled_step_of_several_rows_calls_onednn_on_copies_kept_beside_the_
     assert torch.equal(dynamic_and_compiled()[1], compiled)
     assert [entry[1] for entry in kept()] == [entry[1] for entry in copies]  # not rebuilt: nothing changed
 
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model(ids, labels=ids).loss.backward()
-    optimizer.step()
-    model.eval()
+    optimizer_step(model, ids)
     after, compiled = dynamic_and_compiled()
     assert torch.equal(after, compiled) and not torch.equal(after, before)
     assert len(graphs) == 1  # the same compiled step, on copies rebuilt from the new weights
