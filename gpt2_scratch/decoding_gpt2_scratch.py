@@ -199,13 +199,10 @@ if not hasattr(getattr(torch.ops, OPERATOR_NAMESPACE), "prepacked_linear"):
 
 
 class DecodeBlock(NamedTuple):
-    """A TransformerBlock as a decode step runs it: its own norm, attention and GELU modules (looked up once, not
-    through nn.Module's attribute lookup every step), and its matmuls in the order a step runs them."""
+    """A TransformerBlock as a decode step runs it: the block (for its norms, attention and GELU) and its matmuls in
+    the order a step runs them."""
 
-    norm1: nn.Module
-    att: nn.Module
-    norm2: nn.Module
-    gelu: nn.Module
+    block: nn.Module
     qkv: DecodeMatmul
     out_proj: DecodeMatmul
     widen: DecodeMatmul
@@ -273,8 +270,7 @@ class DecodeLayout:
             matmuls = [DecodeMatmul(layers, self.kind) for layers in groups]
         self.head = matmuls.pop()
         per_block = len(matmuls) // len(model.transformer.trf_blocks)
-        self.blocks = [DecodeBlock(block.norm1, block.att, block.norm2, block.ff.layers[1],
-                                   *matmuls[i * per_block:(i + 1) * per_block])
+        self.blocks = [DecodeBlock(block, *matmuls[i * per_block:(i + 1) * per_block])
                        for i, block in enumerate(model.transformer.trf_blocks)]
 
     # The fastest one-row kernel for each weight shape, measured once per process for each model shape, dtype and
@@ -418,12 +414,11 @@ class DecodeLayout:
         if cache is not None:
             GrowingLayer.grow_in_place(cache)
         # Attention summed where measured faster (docs/speed.md): in bf16 (the fused kernel takes float32 copies of the
-        # whole cache), among inductor's own loops ("reduction"), which it then joins (fp32, one row: 1.08x), and
-        # between oneDNN's ("packed": fp32, batch 8, 1.05x)
-        summed = self.kind in ("reduction", "packed") or (
-            self.kind in DecodeMatmul.on_parameters and x.dtype == torch.bfloat16)
-        for norm1, att, norm2, gelu, qkv, out_proj, widen, narrow in self.blocks:
-            queries, keys, values = map(att.split_heads, qkv(norm1(x)).chunk(3, dim=-1))
+        # whole cache), and among inductor's own loops ("reduction"), which it then joins (fp32, one row: 1.08x)
+        summed = self.kind == "reduction" or (self.kind in DecodeMatmul.on_parameters and x.dtype == torch.bfloat16)
+        for block, qkv, out_proj, widen, narrow in self.blocks:
+            att = block.att
+            queries, keys, values = map(att.split_heads, qkv(block.norm1(x)).chunk(3, dim=-1))
             if cache is not None:
                 keys, values = cache.update(keys, values, att.layer_idx)
             if summed:
@@ -431,7 +426,7 @@ class DecodeLayout:
             else:
                 context, _ = att.attend(queries, keys, values, allowed)
             x = x + out_proj(att.merge_heads(context))
-            x = x + narrow(gelu(widen(norm2(x))))
+            x = x + narrow(block.ff.layers[1](widen(block.norm2(x))))
         return x
 
     @staticmethod

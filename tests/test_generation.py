@@ -288,8 +288,10 @@ def test_a_compiled_step_of_several_rows_calls_onednn_on_copies_kept_beside_the_
     calls = [node for node in step if str(node.target).endswith(".prepacked_linear")]
     assert len(calls) == 4 * model.config.n_layers + 1  # query/key/value fused, out_proj, both feed-forward, head
     assert not [node for node in step if "linear" in str(node.target) and node not in calls]
-    assert not [node for node in step if "scaled_dot_product_attention" in str(node.target)]
-    assert sum(node.target == "sum" for node in step) == 2 * model.config.n_layers  # attention summed
+    summed = dtype == torch.bfloat16  # fp32 keeps the fused kernel: summing measured within noise (docs/speed.md)
+    fused = [node for node in step if "scaled_dot_product_attention" in str(node.target)]
+    assert len(fused) == (0 if summed else model.config.n_layers)
+    assert sum(node.target == "sum" for node in step) == (2 * model.config.n_layers if summed else 0)
     copies = kept()
     assert all(entry is not None and entry[1].kind in ("prepacked", "widened") for entry in copies)
     assert DecodeLayout(model, len(ids), kind="packed").nbytes() == sum(entry[1].nbytes for entry in copies) > 0
