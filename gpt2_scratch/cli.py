@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
+    from .loading import quiet_library_progress
+
+    quiet_library_progress()
     from .sources import SourceError
 
     try:

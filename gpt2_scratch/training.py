@@ -31,6 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .configuration_gpt2_scratch import GPT2ScratchConfig
+from .loading import quiet_library_progress
 from .memory import check_fits, processes_sharing, training_memory
 
 BEST_MODEL = "best_model.pt"
@@ -157,6 +158,7 @@ def run_script(main: Callable[[], object]) -> None:
     before the training loop (which saves and exits by itself) is one line and exit status 130."""
     from .sources import SourceError
 
+    quiet_library_progress()
     try:
         main()
     except (ValueError, FileNotFoundError, SourceError) as error:
@@ -372,12 +374,16 @@ class Clock:
 
 class ProgressBar:
     """tqdm over optimizer steps; under --max_train_minutes over the budget instead, with the training time elapsed
-    and left (counted across resumes, as the budget is) beside the step and the loss."""
+    and left (counted across resumes, as the budget is) beside the step and the loss. `plain` (output that is not a
+    terminal, such as a log file): no bar, whose every redraw would be another stretch of the file, but one line each
+    time the loss is logged."""
 
     def __init__(self, total_steps: int | None, budget_minutes: float | None, progress: Progress, enabled: bool,
-                 file: IO[str] | None = None) -> None:
+                 file: IO[str] | None = None, plain: bool = False) -> None:
         self.total_steps, self.budget = total_steps, None if budget_minutes is None else budget_minutes * 60
         self.first_step, self.first_seconds, self.loss = progress.step, progress.seconds, None
+        self.file, self.lines = file, enabled and plain
+        enabled = enabled and not plain
         if self.budget is None:
             self.bar = tqdm(total=total_steps, initial=progress.step, disable=not enabled, desc="training", file=file)
         else:
@@ -385,21 +391,30 @@ class ProgressBar:
                             desc="training", file=file, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
             self.show(progress)
 
+    def status(self, progress: Progress) -> str:
+        """The step (of how many), the time elapsed and left under a budget, and the last loss logged."""
+        step = f"step {progress.step}{f'/{self.total_steps}' if self.total_steps else ''}"
+        loss = "" if self.loss is None else f", loss {self.loss:.3f}"
+        if self.budget is None:
+            return step + loss
+        left = max(self.budget - progress.seconds, 0.0)
+        if self.total_steps is not None and progress.step > self.first_step:  # the steps may run out first
+            per_step = (progress.seconds - self.first_seconds) / (progress.step - self.first_step)
+            left = min(left, (self.total_steps - progress.step) * per_step)
+        return f"{tqdm.format_interval(progress.seconds)} elapsed, {tqdm.format_interval(left)} left, {step}{loss}"
+
     def show(self, progress: Progress, loss: float | None = None) -> None:
         self.loss = self.loss if loss is None else loss
+        if self.lines:
+            if loss is not None:
+                print(f"training: {self.status(progress)}", file=self.file or sys.stderr, flush=True)
+            return
         if self.budget is None:
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.update(progress.step - self.bar.n)
             return
-        left = max(self.budget - progress.seconds, 0.0)
-        if self.total_steps is not None and progress.step > self.first_step:  # the steps may run out first
-            per_step = (progress.seconds - self.first_seconds) / (progress.step - self.first_step)
-            left = min(left, (self.total_steps - progress.step) * per_step)
-        self.bar.set_postfix_str(
-            f"{tqdm.format_interval(progress.seconds)} elapsed, {tqdm.format_interval(left)} left, step "
-            f"{progress.step}{f'/{self.total_steps}' if self.total_steps else ''}"
-            + ("" if self.loss is None else f", loss {self.loss:.3f}"), refresh=False)
+        self.bar.set_postfix_str(self.status(progress), refresh=False)
         self.bar.update(min(progress.seconds, self.budget) - self.bar.n)
 
     def close(self) -> None:
@@ -542,7 +557,7 @@ class TrainingLoop:
         start = time.monotonic()
         self.clock = Clock(accelerator, self.progress.seconds)  # a resumed run's clock goes on from its checkpoint's
         bar = ProgressBar(None if self.total_steps == sys.maxsize else self.total_steps, args.max_train_minutes,
-                          self.progress, enabled=accelerator.is_local_main_process)
+                          self.progress, enabled=accelerator.is_local_main_process, plain=not sys.stderr.isatty())
         with self.signals:
             time_up = self.train(bar)
             bar.close()
