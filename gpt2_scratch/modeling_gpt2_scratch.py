@@ -258,7 +258,7 @@ class GPT2ScratchPreTrainedModel(StrictLoadingMixin, PreTrainedModel):  # from_p
 class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
     """Token + position embeddings → n_layers TransformerBlocks → final LayerNorm. Returns hidden states."""
 
-    stock_class = GPT2Model
+    stock_class = GPT2Model  # the stock class whose checkpoints load into this one (see stock_gpt2_scratch.py)
 
     def __init__(self, config: GPT2ScratchConfig) -> None:
         super().__init__(config)
