@@ -305,7 +305,9 @@ class DecodeLayout:
         if key in cls.one_row_kernels:
             return [DecodeMatmul(layers, cls.one_row_kernels[key][shape]) for layers, shape in zip(groups, shapes)]
         candidates = {kind: [DecodeMatmul(layers, kind) for layers in groups] for kind in kinds}
-        rows = [torch.randn(1, layers[0].in_features, dtype=dtype) for layers in groups]
+        # A generator of its own: drawing from the global one would change what a seeded sampling run draws next.
+        inputs = torch.Generator().manual_seed(0)
+        rows = [torch.randn(1, layers[0].in_features, dtype=dtype, generator=inputs) for layers in groups]
         seconds = {(kind, shape): [0.0] * 4 for kind in kinds for shape in shapes}
         with torch.no_grad():
             for turn in range(4):  # taking turns; the first round only warms each kernel up

@@ -520,6 +520,17 @@ def test_a_one_row_kernel_that_needs_a_copy_must_be_clearly_faster():
                                             dict.fromkeys(nbytes, 100)) == "transposed"
 
 
+def test_measuring_the_one_row_kernels_leaves_the_global_random_state_alone(monkeypatch):
+    """The first generate() of a process measures its kernels; a seeded sampling run must draw the same either way."""
+    monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
+    groups = DecodeLayout.matmul_layers(tiny_model())
+    torch.manual_seed(0)
+    DecodeLayout.fastest_one_row_matmuls(groups, torch.float32)
+    drawn = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(4))
+
+
 def test_decode_layout_in_bfloat16_gives_the_plain_logits():
     """bf16: fused query/key/value everywhere; for several rows oneDNN's prepacked bf16 linear where the CPU has bf16
     instructions, else its float32 one on widened weights (either may sum in another order: the logits agree to
