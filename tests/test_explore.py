@@ -1,17 +1,16 @@
 """`gpt2-scratch explore`: every number the page shows equals the model's own (checked on the plain functions and,
-in a real Chromium, on the page served by the CLI for a folder pretraining wrote); a stock GPT-2 id in an offline
-cache; one-line errors for a model that cannot be loaded and a port in use."""
+in a real Chromium, on the page the CLI serves for a folder pretraining wrote); a stock GPT-2 id in an offline cache,
+also as a Space's app.py; one-line errors for a model that cannot be loaded and a port in use."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import runpy
 import shutil
 import socket
-import subprocess
-import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -160,7 +159,7 @@ def hub_id(tmp_path, monkeypatch) -> str:
     return repo_id
 
 
-def test_a_stock_gpt2_id_from_an_offline_cache_and_the_space_app(hub_id, monkeypatch):
+def test_a_stock_gpt2_id_from_an_offline_cache(hub_id):
     explorer = load_explorer(hub_id)
     assert explorer.folder is None and explorer.name == hub_id
     stock = stock_gpt2(seed=2)
@@ -171,10 +170,6 @@ def test_a_stock_gpt2_id_from_an_offline_cache_and_the_space_app(hub_id, monkeyp
     assert explorer.next_token(ids, 1.0, 0, 1.0)[0].id == int(expected.logits[0, -1].argmax())
     assert explorer.logit_lens(ids)[-1].id == int(expected.logits[0, -1].argmax())
     torch.testing.assert_close(explorer.attention(ids, 1), expected.attentions[1][0], atol=1e-5, rtol=0)
-
-    monkeypatch.setenv("GPT2_SCRATCH_MODEL", hub_id)  # what a Space's settings would say
-    space = runpy.run_path(str(ROOT / "space" / "app.py"), run_name="space_app")
-    assert hub_id in space["app"].title
 
 
 def test_unloadable_model_and_busy_port_are_one_line(tmp_path, base, capsys):
@@ -206,23 +201,28 @@ def set_slider(page, elem_id: str, value: float) -> None:
     box.press("Enter")
 
 
-@pytest.fixture(scope="module")
-def served(trained):
-    """`gpt2-scratch explore --model <trained folder>` in its own process, and the URL it printed."""
+@pytest.fixture
+def served(trained, capsys):
+    """`gpt2-scratch explore --model <trained folder>` serving from a thread of this process (one import of gradio
+    for the page and the Space), and the URL it printed."""
+    import gradio
+
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "gpt2_scratch.cli", "explore", "--model", str(trained),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = server.stdout.readline()
-    if f"at http://127.0.0.1:{port}/" not in line:
-        server.kill()
-        pytest.fail(f"explore did not start: {line}{server.stderr.read()}")
+    server = threading.Thread(target=cli, args=(["explore", "--model", str(trained), "--port", str(port)],),
+                              daemon=True)
+    server.start()
+    printed = ""
+    while server.is_alive() and "http://" not in printed:
+        printed += capsys.readouterr().out
+        time.sleep(0.2)
+    assert f"at http://127.0.0.1:{port}/" in printed, printed + capsys.readouterr().err
     yield f"http://127.0.0.1:{port}/"
-    server.terminate()
-    server.wait(timeout=30)
+    gradio.close_all()  # the CLI's wait for ^C ends when its app closes
+    server.join(timeout=30)
+    assert not server.is_alive()
 
 
-def test_the_page_in_chromium_shows_the_models_numbers(served, trained, tmp_path):
+def test_the_page_in_chromium_shows_the_models_numbers(served, trained, hub_id, tmp_path, monkeypatch):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "Chromium is missing: `make test` installs it (apt-get install chromium)"
@@ -299,3 +299,7 @@ def test_the_page_in_chromium_shows_the_models_numbers(served, trained, tmp_path
         [url for url in requests if not url.startswith(served)]
     with pytest.raises(urllib.error.HTTPError):  # the server hands out no file the page did not make
         urllib.request.urlopen(f"{served}gradio_api/file={trained / 'config.json'}", timeout=30)
+
+    monkeypatch.setenv("GPT2_SCRATCH_MODEL", hub_id)  # the Space's app.py, for a model its settings name
+    space = runpy.run_path(str(ROOT / "space" / "app.py"), run_name="space_app")
+    assert hub_id in space["app"].title
