@@ -10,6 +10,7 @@ KV cache) and `training_record` (what a training run left in its folder). `rende
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import html
 import io
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -33,6 +34,7 @@ from .cli import UsageError, load_adapter, load_for_generation, token_pieces
 
 DEFAULT_PROMPT = "To be, or not to be, that is the question:"
 SHOWN_CANDIDATES = 10
+HEATMAP_TOKENS = 96  # a larger (queries x keys) map is drawn for its last 96 tokens
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Forward:
     logits: torch.Tensor  # (vocab,) at the last position
     attentions: torch.Tensor  # (layers, heads, queries, keys)
     hidden_states: tuple[torch.Tensor, ...]  # (tokens, emb_dim) each: the embeddings, each block's input, the output
+    cache: Cache  # the prompt's keys and values: step by step starts from a copy
 
 
 def visible(piece: str | bytes) -> str:
@@ -117,7 +120,7 @@ class Explorer:
         self.context: int = model.config.max_position_embeddings
         self.folder = folder
         self.lock = threading.Lock()  # one forward at a time: the page's events run in threads
-        self.forward = functools.lru_cache(maxsize=8)(self._forward)
+        self.forward = functools.lru_cache(maxsize=2)(self._forward)  # gpt2-small's attentions at 1024 tokens: 600 MB
 
     def encode(self, prompt: str) -> Encoded:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -135,9 +138,9 @@ class Explorer:
     def _forward(self, ids: tuple[int, ...]) -> Forward:
         with self.lock, torch.no_grad():
             out = self.model(input_ids=torch.tensor([ids]), output_attentions=True, output_hidden_states=True,
-                             use_cache=False)
+                             use_cache=True)
         return Forward(out.logits[0, -1].float(), torch.stack([a[0] for a in out.attentions]).float(),
-                       tuple(h[0] for h in out.hidden_states))
+                       tuple(h[0] for h in out.hidden_states), out.cache)
 
     def next_token(self, ids: tuple[int, ...], temperature: float, top_k: int, top_p: float,
                    shown: int = SHOWN_CANDIDATES) -> list[Candidate]:
@@ -185,23 +188,23 @@ class Explorer:
 
     def step_by_step(self, ids: tuple[int, ...], steps: int, temperature: float, top_k: int, top_p: float,
                      seed: int) -> list[Step]:
-        """Generate up to `steps` tokens one at a time through the KV cache: the prompt once, then one token per
-        forward. Draws as `set_seed(seed)` then `generate(do_sample=True, ...)` does (top_k 1 is greedy)."""
+        """Generate up to `steps` tokens one at a time through the KV cache: the prompt's forward (shared with the
+        other views) fills it, then one token per forward. Draws as `set_seed(seed)` then
+        `generate(do_sample=True, ...)` does (top_k 1 is greedy)."""
         steps = max(0, min(steps, self.context - len(ids)))
         generator = torch.Generator().manual_seed(int(seed))
-        sequence = torch.tensor([ids])
-        new, cache, out = sequence, None, []
+        prompt = self.forward(ids)
+        sequence, logits, cache, out = torch.tensor([ids]), prompt.logits, copy.deepcopy(prompt.cache), []
         with self.lock, torch.no_grad():
-            for _ in range(steps):
-                result = self.model(input_ids=new, cache=cache, use_cache=True)
-                cache = result.cache
-                logits = result.logits[0, -1].float()
+            for step in range(steps):
+                if step:
+                    result = self.model(input_ids=sequence[:, -1:], cache=cache, use_cache=True)
+                    cache, logits = result.cache, result.logits[0, -1].float()
                 sampled = self.sampling_distribution(sequence, logits, temperature, top_k, top_p)
                 chosen = int(torch.multinomial(sampled, 1, generator=generator))
                 out.append(Step(chosen, self.text(chosen), float(torch.softmax(logits, -1)[chosen]),
                                 float(sampled[chosen]), int(cache.get_seq_length())))
-                new = torch.tensor([[chosen]])
-                sequence = torch.cat([sequence, new], 1)
+                sequence = torch.cat([sequence, torch.tensor([[chosen]])], 1)
         return out
 
 
@@ -289,10 +292,13 @@ def render_next_token(candidates: list[Candidate], temperature: float, top_k: in
             f"<th>after {escape(settings)}</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+BLUE = (8, 48, 107)
+PALETTE = ["#" + "".join(f"{round(255 + (c - 255) * level / 255):02x}" for c in BLUE) for level in range(256)]
+
+
 def colour(weight: float) -> str:
-    """White at 0 to deep blue at 1."""
-    r, g, b = (round(255 + (c - 255) * weight) for c in (8, 48, 107))
-    return f"#{r:02x}{g:02x}{b:02x}"
+    """White at 0 to deep blue at 1, in 256 steps."""
+    return PALETTE[round(255 * min(max(weight, 0.0), 1.0))]
 
 
 def render_heatmap(weights: torch.Tensor, labels: list[str], layer: int, head: int) -> str:
@@ -325,7 +331,7 @@ def png_heatmap(weights: torch.Tensor, pixels: int = 120) -> str:
 
     n = weights.shape[0]
     levels = weights.clamp(0, 1)
-    rgb = torch.stack([255 + (c - 255) * levels for c in (8, 48, 107)], -1).round().to(torch.uint8)
+    rgb = torch.stack([255 + (c - 255) * levels for c in BLUE], -1).round().to(torch.uint8)
     image = Image.fromarray(rgb.numpy(), "RGB").resize((max(pixels, n), max(pixels, n)), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -476,9 +482,12 @@ class Views:
         ids = self.explorer.encode(prompt).ids
         if not ids:
             return self.EMPTY, ""
-        weights = self.explorer.attention(ids, int(layer))
-        labels = [t.text for t in self.explorer.tokens(ids)]
-        return render_heatmap(weights[int(head)], labels, int(layer), int(head)), render_heads(weights, int(layer))
+        weights = self.explorer.attention(ids, int(layer))[:, -HEATMAP_TOKENS:, -HEATMAP_TOKENS:]
+        labels = [t.text for t in self.explorer.tokens(ids[-HEATMAP_TOKENS:])]
+        note = message(f"The map shows the last {HEATMAP_TOKENS} of the {len(ids)} tokens (queries and keys).") \
+            if len(ids) > HEATMAP_TOKENS else ""
+        return (note + render_heatmap(weights[int(head)], labels, int(layer), int(head)),
+                render_heads(weights, int(layer)))
 
     def lens(self, prompt: str) -> str:
         ids = self.explorer.encode(prompt).ids

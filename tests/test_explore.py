@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import runpy
 import shutil
 import socket
@@ -33,7 +34,7 @@ from transformers import AutoTokenizer, set_seed
 
 from gpt2_scratch import GPT2ScratchForCausalLM
 from gpt2_scratch.cli import main as cli
-from gpt2_scratch.explore import Explorer, load_explorer, training_record, visible, warpers
+from gpt2_scratch.explore import Explorer, Views, load_explorer, training_record, visible, warpers
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -131,6 +132,17 @@ def test_long_prompts_keep_the_last_context_tokens(explorer):
     encoded = explorer.encode(TEXT)
     assert encoded.ids == tuple(ids[-explorer.context:]) and encoded.dropped == len(ids) - explorer.context
     assert explorer.encode("").ids == ()
+
+
+def test_a_long_prompts_heatmap_shows_its_last_96_tokens(base):
+    explorer = load_explorer(str(base))
+    heatmap, heads = Views(explorer).attention(TEXT, 1, 2)
+    ids = explorer.encode(TEXT).ids
+    assert len(ids) == 256 and "the last 96 of the 256 tokens" in heatmap
+    weights = [float(w) for w in re.findall(r'data-w="([0-9.]+)"', heatmap)]
+    expected = reference(explorer.model, ids).attentions[1][0, 2, -96:, -96:]
+    assert weights == pytest.approx([float(expected[q, k]) for q in range(96) for k in range(q + 1)], abs=1e-5)
+    assert heads.count("<img") == explorer.config.num_attention_heads
 
 
 def test_training_record_reads_what_pretraining_wrote(trained):
