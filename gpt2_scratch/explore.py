@@ -138,7 +138,7 @@ class Explorer:
     def _forward(self, ids: tuple[int, ...]) -> Forward:
         with self.lock, torch.no_grad():
             out = self.model(input_ids=torch.tensor([ids]), output_attentions=True, output_hidden_states=True,
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)  # the head on the last position only
         return Forward(out.logits[0, -1].float(), torch.stack([a[0] for a in out.attentions]).float(),
                        tuple(h[0] for h in out.hidden_states), out.cache)
 
