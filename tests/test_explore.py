@@ -184,6 +184,26 @@ def test_a_stock_gpt2_id_from_an_offline_cache(hub_id):
     torch.testing.assert_close(explorer.attention(ids, 1), expected.attentions[1][0], atol=1e-5, rtol=0)
 
 
+def test_an_adapter_is_merged_into_the_model_the_page_shows(base, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from gpt2_scratch.lora import DEFAULT_TARGET_MODULES
+
+    torch.manual_seed(1)
+    tuned = get_peft_model(GPT2ScratchForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=list(DEFAULT_TARGET_MODULES), init_lora_weights=False))
+    tuned.save_pretrained(tmp_path / "adapter")
+    explorer = load_explorer(str(base), str(tmp_path / "adapter"))
+    assert explorer.name == f"{base} + adapter {tmp_path / 'adapter'}"
+    ids = explorer.encode(PROMPT).ids
+    reloaded = PeftModel.from_pretrained(GPT2ScratchForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=torch.tensor([ids])).logits[0, -1]
+    plain = reference(GPT2ScratchForCausalLM.from_pretrained(base).eval(), ids).logits[0, -1]
+    assert not torch.allclose(logits, plain, atol=1e-3)  # the adapter changes the prediction
+    torch.testing.assert_close(explorer.forward(ids).logits, logits, atol=1e-5, rtol=1e-5)
+
+
 def test_unloadable_model_and_busy_port_are_one_line(tmp_path, base, capsys):
     (tmp_path / "broken").mkdir()
     shutil.copy(base / "config.json", tmp_path / "broken")
