@@ -172,14 +172,13 @@ class Explorer:
         """At the last position, each layer's top guess: its residual stream through the final LayerNorm and the
         (tied) output head. The model's last hidden state has been through the final LayerNorm already."""
         states = self.forward(ids).hidden_states
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.transformer
-        head = self.model.get_output_embeddings()
+        final_norm, head = self.model.get_decoder().final_norm, self.model.get_output_embeddings()
         rows = []
         with torch.no_grad():
             for index, state in enumerate(states):
                 last = state[-1]
                 if index < len(states) - 1:
-                    last = base.final_norm(last)
+                    last = final_norm(last)
                 probabilities = torch.softmax(head(last).float(), -1)
                 best = int(probabilities.argmax())
                 layer = "embeddings" if index == 0 else f"block {index}"
