@@ -145,15 +145,6 @@ def test_a_long_prompts_heatmap_shows_its_last_96_tokens(base):
     assert heads.count("<img") == explorer.config.num_attention_heads
 
 
-def test_training_record_reads_what_pretraining_wrote(trained):
-    curves, metrics = training_record(trained)
-    assert metrics == json.loads((trained / "metrics.json").read_text())
-    assert [step for step, _ in curves["train/loss"]] == [1, 2, 3, 4]
-    assert [step for step, _ in curves["eval/loss"]] == [2, 4]
-    assert curves["eval/loss"][-1][1] == pytest.approx(metrics["loss"], rel=1e-5)
-    assert training_record(None) == ({}, {})
-
-
 @pytest.fixture
 def hub_id(tmp_path, monkeypatch) -> str:
     """A random stock GPT-2 in a Hugging Face cache (OpenAI's layout), offline."""
@@ -254,10 +245,16 @@ def served(trained, capsys):
     assert not server.is_alive()
 
 
-def test_the_page_in_chromium_shows_the_models_numbers(served, trained, hub_id, tmp_path, monkeypatch):
+def test_the_page_in_chromium_shows_the_models_numbers_and_the_run(served, trained, hub_id, tmp_path, monkeypatch):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "Chromium is missing: `make test` installs it (apt-get install chromium)"
+    curves, metrics = training_record(trained)  # what the run view draws, read from the files pretraining wrote
+    assert metrics == json.loads((trained / "metrics.json").read_text())
+    assert [step for step, _ in curves["train/loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in curves["eval/loss"]] == [2, 4]
+    assert curves["eval/loss"][-1][1] == pytest.approx(metrics["loss"], rel=1e-5)
+    assert training_record(None) == ({}, {})
     model = GPT2ScratchForCausalLM.from_pretrained(trained).eval()
     tokenizer = AutoTokenizer.from_pretrained(trained)
     ids = tuple(tokenizer(PROMPT)["input_ids"])
@@ -313,8 +310,13 @@ def test_the_page_in_chromium_shows_the_models_numbers(served, trained, hub_id, 
         assert int(page.get_attribute("#gx-sample .gx-sample", "data-id")) == \
             int(torch.multinomial(distribution, 1, generator=torch.Generator().manual_seed(5)))
 
-        curve = page.locator("#gx-run-record polyline[data-tag='train/loss']")
-        assert curve.count() == 1
+        points = page.eval_on_selector_all("#gx-run-record circle title", "els => els.map(e => e.textContent)")
+        for tag in ("train/loss", "eval/loss"):
+            assert page.locator(f"#gx-run-record polyline[data-tag='{tag}']").count() == 1
+            assert [f"{tag} step {step}: {value:.4f}" for step, value in curves[tag]] == \
+                [point for point in points if point.startswith(tag)]
+        assert page.inner_text("#gx-run-record tr[data-metric='bits_per_byte']").split()[-1] == \
+            f"{metrics['bits_per_byte']:.4f}"
         page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
         assert (tmp_path / "explore.png").stat().st_size > 20_000
 
