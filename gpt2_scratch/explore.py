@@ -473,8 +473,9 @@ class Views:
         ids = self.explorer.encode(prompt).ids
         if not ids:
             return self.EMPTY
-        drawn = self.explorer.sample(ids, temperature, int(top_k), top_p, int(seed))
-        return (f'<p class="gx-sample" data-id="{drawn}">seed {int(seed)} drew '
+        seed = int(seed or 0)  # an emptied seed box is 0
+        drawn = self.explorer.sample(ids, temperature, int(top_k), top_p, seed)
+        return (f'<p class="gx-sample" data-id="{drawn}">seed {seed} drew '
                 f'<span class="gx-text">{escape(self.explorer.text(drawn))}</span> (id {drawn})</p>')
 
     def attention(self, prompt: str, layer: float, head: float) -> tuple[str, str]:
@@ -496,7 +497,7 @@ class Views:
         ids = self.explorer.encode(prompt).ids
         if not ids:
             return self.EMPTY
-        return render_steps(self.explorer.step_by_step(ids, int(steps), temperature, int(top_k), top_p, int(seed)),
+        return render_steps(self.explorer.step_by_step(ids, int(steps), temperature, int(top_k), top_p, int(seed or 0)),
                             int(steps))
 
     def refresh(self, prompt: str, layer: float, head: float, temperature: float, top_k: float, top_p: float,
