@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is installed first: a bare `torch` requirement could otherwise pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,15 +14,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-test: $(VENV)/.installed
-	$(PY) -m ruff check gpt2_scratch tests benchmarks training
+# tests/test_explore.py drives Debian's Chromium (Playwright's own browser download cannot be used): installed where
+# missing, which needs root (CI runs as root) or a Chromium already at /usr/bin/chromium.
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: $(VENV)/.installed chromium
+	$(PY) -m ruff check gpt2_scratch tests benchmarks training space
 	$(PY) -m pytest -q -n 2
 
 demo: $(VENV)/.installed
 	$(PY) -m gpt2_scratch.demo
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check gpt2_scratch tests benchmarks training
+	$(PY) -m ruff check gpt2_scratch tests benchmarks training space
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_model.py

@@ -1,5 +1,5 @@
 """`gpt2-scratch` command line: convert checkpoints, generate text, chat, train tokenizers, list presets, and look
-inside: how a text is tokenised, and where each attention head looks."""
+inside: how a text is tokenised, where each attention head looks, and a local page that shows it all (explore)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,15 @@ def load_for_generation(source: str):
     return load_model(GPT2ScratchForCausalLM, source, where).eval(), tokenizer
 
 
+def load_adapter(model, adapter: str):
+    """`model` with the LoRA adapter in folder `adapter` (a PeftModel, in eval mode)."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer, set_seed
 
@@ -106,11 +115,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_for_generation(args.model)
     if args.adapter:
-        from peft import PeftModel
-
-        if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise UsageError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = load_adapter(model, args.adapter)
     context = model.config.max_position_embeddings
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     set_seed(args.seed)
@@ -234,6 +239,34 @@ def cmd_attention(args: argparse.Namespace) -> None:
           f"({len(labels)} tokens) to {out}")
 
 
+def cmd_explore(args: argparse.Namespace) -> None:
+    """Check the port, load the model (one-line errors before any server starts), then serve the page until ^C."""
+    import importlib.util
+    import socket
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: give a port number from 1 to 65535")
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as error:
+            raise UsageError(f"--port {args.port} on {args.host}: cannot listen there ({error.strerror}); "
+                             "choose another port with --port") from error
+    if importlib.util.find_spec("gradio") is None:
+        raise UsageError("explore needs gradio: pip install 'gpt2-scratch[explore]'")
+    from .explore import build_app, launch, load_explorer
+
+    explorer = load_explorer(args.model, args.adapter)
+    app = build_app(explorer)
+    try:
+        url = launch(app, args.host, args.port)
+    except OSError as error:
+        raise UsageError(f"--port {args.port} on {args.host}: cannot listen there ({error}); "
+                         "choose another port with --port") from error
+    print(f"exploring {explorer.name} at {url} (Ctrl+C stops)", flush=True)
+    app.block_thread()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2-scratch", description="GPT-2 from scratch, Hugging Face compatible.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--head", type=int, help="only this head (from 0); default: every head")
     attention.add_argument("--out", required=True, metavar="FILE", help="image file: .png, .svg or .pdf")
     attention.set_defaults(run=cmd_attention)
+
+    explore = commands.add_parser("explore", help="a local web page showing tokens, next-token probabilities, "
+                                  "attention, the logit lens and step-by-step decoding of a model")
+    explore.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID",
+                         help="a model folder (one this project trained also shows its loss curve) or a Hub id")
+    explore.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder trained on --model (merged in)")
+    explore.add_argument("--port", type=int, default=7860)
+    explore.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1: this machine only)")
+    explore.set_defaults(run=cmd_explore)
     return parser
 
 
