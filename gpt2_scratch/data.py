@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -150,17 +151,21 @@ def load_corpus(spec: str, text_column: str = "text", seed: int = 0, config: str
     return with_validation(select_text(hub["train"], text_column, spec), seed)
 
 
-def training_corpus(args: argparse.Namespace) -> DatasetDict:
-    """train, validation (and test) `text` splits from the data arguments (`add_data_arguments`): a
-    --validation_file replaces the held-out part; a --test_file adds a test split."""
+def train_corpus(args: argparse.Namespace) -> DatasetDict:
+    """train and validation `text` splits from the data arguments (`add_data_arguments`), without the
+    --validation_file and --test_file: with a --validation_file, no part of the training data is held out."""
     if args.train_file:
         builder, texts = local_texts(args.train_file, args.text_column, "--train_file")
         if args.validation_file:
-            corpus = DatasetDict(train=texts)
-        else:
-            corpus = split_characters(texts["text"][0]) if builder == "text" else with_validation(texts, args.seed)
-    else:
-        corpus = load_corpus(args.dataset_name, args.text_column, args.seed, args.dataset_config_name)
+            return DatasetDict(train=texts)
+        return split_characters(texts["text"][0]) if builder == "text" else with_validation(texts, args.seed)
+    return load_corpus(args.dataset_name, args.text_column, args.seed, args.dataset_config_name)
+
+
+def training_corpus(args: argparse.Namespace) -> DatasetDict:
+    """train, validation (and test) `text` splits from the data arguments (`add_data_arguments`): a
+    --validation_file replaces the held-out part; a --test_file adds a test split."""
+    corpus = train_corpus(args)
     for split in ("validation", "test"):
         files = getattr(args, f"{split}_file")
         if files:
@@ -218,28 +223,33 @@ def tokenize_lines(dataset: Dataset | IterableDataset, tokenizer: PreTrainedToke
     return pieces.map(tokenize, batched=True, batch_size=64, remove_columns=["piece", "ends_document"])
 
 
-def flat_tokens(tokenized: Dataset) -> np.ndarray:
-    column = tokenized.data.column("ids").combine_chunks()
-    return column.flatten().to_numpy().astype(np.int64)
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive, non-overlapping blocks of `block_size` tokens read from `tokens` (a memory-mapped store) when
+    asked for; the tail shorter than a block is dropped. A sampler gives the order; each process reads its own."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, where: str) -> None:
+        self.tokens, self.block_size = tokens, block_size
+        self.count = len(tokens) // block_size
+        if self.count == 0:
+            raise ValueError(f"{where} has {len(tokens)} tokens, fewer than one block of {block_size}; give more text "
+                             "or a smaller context_length")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = index * self.block_size
+        return {"input_ids": torch.from_numpy(self.tokens[start : start + self.block_size].astype(np.int64))}
 
 
-def pack_blocks(tokens: np.ndarray, block_size: int, where: str) -> Dataset:
-    """Consecutive, non-overlapping blocks; the tail shorter than a block is dropped."""
-    n_blocks = len(tokens) // block_size
-    if n_blocks == 0:
-        raise ValueError(
-            f"{where} has {len(tokens)} tokens, fewer than one block of {block_size}; give more text or a smaller "
-            "context_length"
-        )
-    return Dataset.from_dict({"input_ids": tokens[: n_blocks * block_size].reshape(n_blocks, block_size)})
-
-
-def evaluation_windows(tokens: np.ndarray, block_size: int) -> list[np.ndarray]:
-    """Windows of `block_size` tokens overlapping by one, so every token after the first is scored exactly once."""
+def evaluation_windows(tokens: np.ndarray, block_size: int, limit: int | None = None) -> list[np.ndarray]:
+    """The first `limit` (default: all) windows of `block_size` tokens overlapping by one, so every token after the
+    first they cover is scored exactly once."""
     if len(tokens) < 2:
         raise ValueError(f"the validation split has {len(tokens)} tokens; at least 2 are needed to score one")
     stride = block_size - 1
-    return [tokens[start : start + block_size] for start in range(0, len(tokens) - 1, stride)]
+    starts = range(0, len(tokens) - 1, stride)
+    return [tokens[start : start + block_size] for start in (starts if limit is None else starts[:limit])]
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
