@@ -1,9 +1,10 @@
 """Training text, everywhere through `datasets`: a named source, local files, or a Hub dataset → token blocks.
 
-Documents are cut into pieces of ~100 lines at places where GPT-2's splitter separates anyway, and the pieces are
-tokenised in batches (`datasets.map`): `tokenizers` encodes a batch of strings on all cores, while one multi-megabyte
-string is encoded on one core at a small fraction of the speed. The ids equal those of each whole document. Each
-document ends with `<|endoftext|>`, then all tokens are concatenated and cut into `block_size` blocks (GPT-2's packing).
+Pretraining tokenises each corpus once into a memory-mapped token store (`token_store`) and reads `TokenBlocks`
+from it. Documents are cut into pieces at places where GPT-2's splitter separates anyway and tokenised in batches
+(`tokenizers` encodes a batch of strings on all cores; one multi-megabyte string goes on one core at a small
+fraction of the speed); the ids equal those of each whole document. Each document ends with `<|endoftext|>`; the
+blocks are consecutive `block_size` slices of all tokens (GPT-2's packing). `--streaming` tokenises on the fly.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,7 @@ def store_tokens(identity: object, pieces: Iterable[Piece], tokenizer: PreTraine
         return store
     dtype = token_dtype(len(tokenizer))
     print(f"tokenising {what} once into {folder}", flush=True)
-    count, documents, held_out_start = 0, 0, None
+    count, documents, held_out_start, began = 0, 0, None, time.monotonic()
 
     def counting(pieces: Iterable[Piece]) -> Iterator[Piece]:
         nonlocal documents
@@ -223,6 +224,7 @@ def store_tokens(identity: object, pieces: Iterable[Piece], tokenizer: PreTraine
             out.write(json.dumps(manifest, indent=1))
             out.flush()
             os.fsync(out.fileno())
+    print(f"tokenised {what}: {count:,} tokens ({dtype.name}) in {time.monotonic() - began:.1f} s", flush=True)
     return open_store(folder)
 
 
