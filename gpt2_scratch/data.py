@@ -10,6 +10,7 @@ blocks are consecutive `block_size` slices of all tokens (GPT-2's packing). `--s
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .bpe import CHAR_TO_BYTE
 from .sources import LOADERS
+from .token_store import cut_pieces, encoded, file_chunks
 from .tokenizer import pieces_of, read_text_file
 
 
@@ -265,16 +267,21 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
 
 def streaming_blocks(files: list[Path], builder: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
                      text_column: str) -> Iterator[dict[str, list[int]]]:
-    """Blocks tokenised and packed on the fly from an `IterableDataset`: no preprocessing pass, memory bounded by the
-    largest document. A .txt file is one document, as without streaming (shard big corpora into many files)."""
-    options = {"sample_by": "document"} if builder == "text" else {}
-    stream = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **options)
-    if builder != "text":  # a stream does not know its columns up front, so select_text cannot check them
+    """Blocks tokenised and packed on the fly: no preprocessing pass, no store. Each .txt file is one document, read
+    a megabyte at a time as the token store reads it; tabular files stream through an `IterableDataset`, memory
+    bounded by the largest row."""
+    if builder == "text":
+        pieces = itertools.chain.from_iterable(cut_pieces(file_chunks([file])) for file in files)
+        batches = (ids for ids, _ in encoded(pieces, tokenizer, np.dtype(np.int64)))
+    else:  # a stream does not know its columns up front, so select_text cannot check them
+        stream = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
         stream = stream.select_columns([text_column]).rename_column(text_column, "text") \
             if text_column != "text" else stream.select_columns(["text"])
-    buffer: list[int] = []
-    for row in tokenize_lines(stream, tokenizer):
-        buffer.extend(row["ids"])
-        while len(buffer) >= block_size:
-            yield {"input_ids": buffer[:block_size]}
-            buffer = buffer[block_size:]
+        batches = (np.asarray(row["ids"], dtype=np.int64) for row in tokenize_lines(stream, tokenizer))
+    buffer = np.zeros(0, dtype=np.int64)
+    for ids in batches:
+        buffer = np.concatenate([buffer, ids])
+        blocks = len(buffer) // block_size
+        for index in range(blocks):
+            yield {"input_ids": buffer[index * block_size : (index + 1) * block_size].tolist()}
+        buffer = buffer[blocks * block_size :]

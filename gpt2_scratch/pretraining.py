@@ -64,7 +64,7 @@ MODEL_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Pretrain a GPT-2 from scratch with Accelerate.")
     data = add_data_arguments(parser, "shakespeare", LOADERS, ".txt/.json/.jsonl/.csv/.parquet files or folders; "
-                                                              "plain text is split 90/10 by characters")
+                                                              "plain text's last ~10%% (by bytes) is held out")
     data.add_argument("--text_column", default="text")
     data.add_argument("--streaming", action="store_true",
                       help="tokenise and pack --train_file on the fly; needs --tokenizer and --max_steps")

@@ -222,3 +222,21 @@ def test_sigterm_during_an_evaluation_ends_it_saves_the_last_step_and_exits_143(
     progress = json.loads((out / "checkpoint-1" / "progress.json").read_text())
     assert progress["step"] == 1 and not (out / "config.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the script's handlers are gone
+
+
+def test_sigterm_before_the_training_loop_is_one_line_and_exit_143(capsys):
+    """While data is downloaded or tokenised (here: a stand-in that takes its time), SIGTERM ends the script at once
+    with one line and the shell's status for it; a token store being built is deleted on the way out (above)."""
+    from gpt2_scratch.training import run_script
+
+    def tokenising() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler raises before this ends
+            sum(range(10_000))
+        raise AssertionError("not stopped")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(tokenising)
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err == "stopped by SIGTERM before training started: nothing to save\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
