@@ -230,14 +230,14 @@ LOGIT_CHUNK = 1 << 22  # logits computed and scored at a time by the evaluator: 
 
 
 def summed_next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The summed loss of predicting each token of `ids` (batch x length) after the first, in float64. The head's
+    """The summed loss of predicting each token of `ids` (batch x length) after the first. The head's
     logits are computed and scored LOGIT_CHUNK values at a time, in float32: the full (batch x length x vocabulary)
     logits, and a float32 copy of them, are never made (for GPT-2's vocabulary they are ~200 KB a token)."""
     hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
     targets = ids[:, 1:].flatten()
     head = model.get_output_embeddings()
     rows = max(1, LOGIT_CHUNK // head.out_features)
-    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    total = torch.zeros((), device=ids.device)
     for start in range(0, len(targets), rows):
         logits = head(hidden[start : start + rows]).float()
         total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum")
@@ -262,7 +262,7 @@ def language_model_evaluator(
             for start in range(0, len(group), batch_size):
                 rows = np.stack(group[start : start + batch_size]).astype(np.int64)
                 ids = torch.from_numpy(rows).to(accelerator.device)
-                nll += summed_next_token_loss(model, ids).cpu()
+                nll += summed_next_token_loss(model, ids).cpu().double()
                 scored += ids.shape[0] * (ids.shape[1] - 1)
                 scored_bytes += float(byte_lengths[rows[:, 1:]].sum())
         nll, scored, scored_bytes = (accelerator.reduce(t.to(accelerator.device), "sum").item()

@@ -153,8 +153,9 @@ def check_training_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-scratch-shakespeare)")
 
 
-class Terminated(Exception):
-    """SIGTERM before the training loop (which takes stop signals itself), raised where the program is."""
+class Terminated(BaseException):
+    """SIGTERM before the training loop (which takes stop signals itself), raised where the program is (a
+    BaseException, as KeyboardInterrupt: no `except Exception` on the way turns it into an error message)."""
 
 
 def raise_terminated(number: int, frame: object) -> NoReturn:
@@ -181,7 +182,7 @@ def run_script(main: Callable[[], object]) -> None:
         print("stopped by SIGTERM before training started: nothing to save", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     finally:
-        if on_main_thread:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
 
 
