@@ -41,12 +41,12 @@ from gpt2_scratch.pretraining import (
     RECIPES,
     build_config,
     build_parser,
-    cached_tokens,
     language_model_evaluator,
     recipe_arguments,
     step_seconds,
 )
 from gpt2_scratch.sources import load_shakespeare
+from gpt2_scratch.token_store import dataset_tokens
 from gpt2_scratch.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def score(folder: Path, texts: dict[str, str]) -> dict[str, float]:
     model = GPT2ScratchForCausalLM.from_pretrained(folder).eval()
     scores = {}
     for name, text in texts.items():
-        tokens = cached_tokens(Dataset.from_dict({"text": [text]}), tokenizer)
+        tokens = dataset_tokens(Dataset.from_dict({"text": [text]}), tokenizer, name)
         evaluate = language_model_evaluator(tokens, token_byte_lengths(tokenizer), model.config.context_length, 32,
                                             Accelerator(cpu=True))
         with torch.no_grad():
@@ -83,7 +83,7 @@ def evaluation_cost(minutes: int, out: Path, repeats: int = 3) -> None:
                                       *recipe_arguments(RECIPES[minutes], minutes, tokenizer_dir)])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = build_config(args, tokenizer)
-    validation = cached_tokens(splits["validation"], tokenizer)
+    validation = dataset_tokens(splits["validation"], tokenizer, "the validation split")
     evaluate = language_model_evaluator(validation, token_byte_lengths(tokenizer), config.context_length,
                                         args.per_device_train_batch_size, Accelerator(cpu=True))
     model = GPT2ScratchForCausalLM(config).eval()

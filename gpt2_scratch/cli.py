@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from .configuration_gpt2_scratch import PRESETS, GPT2ScratchConfig
+from .loading import load_adapter, load_for_generation, quiet_library_progress
+from .tokenizer import token_pieces
 
 
 class UsageError(Exception):
@@ -46,26 +48,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
     convert_directory(source, out, to_stock=to_stock)
     kind = "stock transformers GPT2LMHeadModel" if to_stock else "gpt2_scratch GPT2ScratchForCausalLM"
     print(f"wrote {kind} to {out}")
-
-
-def load_for_generation(source: str):
-    """Model and tokenizer from a folder or a Hub id: a gpt2_scratch model, or a stock GPT-2 converted on load."""
-    from .loading import check_source, load_model, load_tokenizer
-    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
-
-    where = "--model"
-    check_source(source, where)
-    tokenizer = load_tokenizer(source, where, remedy="save one into the model folder")
-    return load_model(GPT2ScratchForCausalLM, source, where).eval(), tokenizer
-
-
-def load_adapter(model, adapter: str):
-    """`model` with the LoRA adapter in folder `adapter` (a PeftModel, in eval mode)."""
-    from peft import PeftModel
-
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UsageError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter).eval()
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -164,20 +146,6 @@ def load_tokenizer(name_or_dir: str):
         return AutoTokenizer.from_pretrained(name_or_dir)
     except (OSError, ValueError, TypeError) as error:
         raise UsageError(f"--model {name_or_dir}: no usable tokenizer in the folder ({error})") from error
-
-
-def token_pieces(tokenizer, ids: list[int]) -> list[str | bytes]:
-    """The text each token stands for, or its bytes when it holds only part of a character ('é': b'\\xc3' b'\\xa9')."""
-    from .bpe import CHAR_TO_BYTE
-
-    pieces: list[str | bytes] = []
-    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
-        piece = tokenizer.decode([token_id])
-        if "\ufffd" in piece and all(c in CHAR_TO_BYTE for c in token):
-            pieces.append(bytes(CHAR_TO_BYTE[c] for c in token))
-        else:
-            pieces.append(piece)
-    return pieces
 
 
 COLOURS = [f"\033[48;5;{code}m\033[30m" for code in (153, 223, 194, 217, 189)]  # pale backgrounds, black text
@@ -346,8 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
-    from .loading import quiet_library_progress
-
     quiet_library_progress()
     from .sources import SourceError
 

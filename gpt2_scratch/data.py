@@ -1,23 +1,27 @@
 """Training text, everywhere through `datasets`: a named source, local files, or a Hub dataset → token blocks.
 
-Documents are cut into pieces of ~100 lines at places where GPT-2's splitter separates anyway, and the pieces are
-tokenised in batches (`datasets.map`): `tokenizers` encodes a batch of strings on all cores, while one multi-megabyte
-string is encoded on one core at a small fraction of the speed. The ids equal those of each whole document. Each
-document ends with `<|endoftext|>`, then all tokens are concatenated and cut into `block_size` blocks (GPT-2's packing).
+Pretraining tokenises each corpus once into a memory-mapped token store (`token_store`) and reads `TokenBlocks`
+from it. Documents are cut into pieces at places where GPT-2's splitter separates anyway and tokenised in batches
+(`tokenizers` encodes a batch of strings on all cores; one multi-megabyte string goes on one core at a small
+fraction of the speed); the ids equal those of each whole document. Each document ends with `<|endoftext|>`; the
+blocks are consecutive `block_size` slices of all tokens (GPT-2's packing). `--streaming` tokenises on the fly.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from .bpe import CHAR_TO_BYTE
 from .sources import LOADERS
+from .token_store import cut_pieces, encoded, file_chunks
 from .tokenizer import pieces_of, read_text_file
 
 
@@ -150,17 +154,21 @@ def load_corpus(spec: str, text_column: str = "text", seed: int = 0, config: str
     return with_validation(select_text(hub["train"], text_column, spec), seed)
 
 
-def training_corpus(args: argparse.Namespace) -> DatasetDict:
-    """train, validation (and test) `text` splits from the data arguments (`add_data_arguments`): a
-    --validation_file replaces the held-out part; a --test_file adds a test split."""
+def train_corpus(args: argparse.Namespace) -> DatasetDict:
+    """train and validation `text` splits from the data arguments (`add_data_arguments`), without the
+    --validation_file and --test_file: with a --validation_file, no part of the training data is held out."""
     if args.train_file:
         builder, texts = local_texts(args.train_file, args.text_column, "--train_file")
         if args.validation_file:
-            corpus = DatasetDict(train=texts)
-        else:
-            corpus = split_characters(texts["text"][0]) if builder == "text" else with_validation(texts, args.seed)
-    else:
-        corpus = load_corpus(args.dataset_name, args.text_column, args.seed, args.dataset_config_name)
+            return DatasetDict(train=texts)
+        return split_characters(texts["text"][0]) if builder == "text" else with_validation(texts, args.seed)
+    return load_corpus(args.dataset_name, args.text_column, args.seed, args.dataset_config_name)
+
+
+def training_corpus(args: argparse.Namespace) -> DatasetDict:
+    """train, validation (and test) `text` splits from the data arguments (`add_data_arguments`): a
+    --validation_file replaces the held-out part; a --test_file adds a test split."""
+    corpus = train_corpus(args)
     for split in ("validation", "test"):
         files = getattr(args, f"{split}_file")
         if files:
@@ -218,28 +226,33 @@ def tokenize_lines(dataset: Dataset | IterableDataset, tokenizer: PreTrainedToke
     return pieces.map(tokenize, batched=True, batch_size=64, remove_columns=["piece", "ends_document"])
 
 
-def flat_tokens(tokenized: Dataset) -> np.ndarray:
-    column = tokenized.data.column("ids").combine_chunks()
-    return column.flatten().to_numpy().astype(np.int64)
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive, non-overlapping blocks of `block_size` tokens read from `tokens` (a memory-mapped store) when
+    asked for; the tail shorter than a block is dropped. A sampler gives the order; each process reads its own."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, where: str) -> None:
+        self.tokens, self.block_size = tokens, block_size
+        self.count = len(tokens) // block_size
+        if self.count == 0:
+            raise ValueError(f"{where} has {len(tokens)} tokens, fewer than one block of {block_size}; give more text "
+                             "or a smaller context_length")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = index * self.block_size
+        return {"input_ids": torch.from_numpy(self.tokens[start : start + self.block_size].astype(np.int64))}
 
 
-def pack_blocks(tokens: np.ndarray, block_size: int, where: str) -> Dataset:
-    """Consecutive, non-overlapping blocks; the tail shorter than a block is dropped."""
-    n_blocks = len(tokens) // block_size
-    if n_blocks == 0:
-        raise ValueError(
-            f"{where} has {len(tokens)} tokens, fewer than one block of {block_size}; give more text or a smaller "
-            "context_length"
-        )
-    return Dataset.from_dict({"input_ids": tokens[: n_blocks * block_size].reshape(n_blocks, block_size)})
-
-
-def evaluation_windows(tokens: np.ndarray, block_size: int) -> list[np.ndarray]:
-    """Windows of `block_size` tokens overlapping by one, so every token after the first is scored exactly once."""
+def evaluation_windows(tokens: np.ndarray, block_size: int, limit: int | None = None) -> list[np.ndarray]:
+    """The first `limit` (default: all) windows of `block_size` tokens overlapping by one, so every token after the
+    first they cover is scored exactly once."""
     if len(tokens) < 2:
         raise ValueError(f"the validation split has {len(tokens)} tokens; at least 2 are needed to score one")
     stride = block_size - 1
-    return [tokens[start : start + block_size] for start in range(0, len(tokens) - 1, stride)]
+    starts = range(0, len(tokens) - 1, stride)
+    return [tokens[start : start + block_size] for start in (starts if limit is None else starts[:limit])]
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -254,16 +267,21 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
 
 def streaming_blocks(files: list[Path], builder: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
                      text_column: str) -> Iterator[dict[str, list[int]]]:
-    """Blocks tokenised and packed on the fly from an `IterableDataset`: no preprocessing pass, memory bounded by the
-    largest document. A .txt file is one document, as without streaming (shard big corpora into many files)."""
-    options = {"sample_by": "document"} if builder == "text" else {}
-    stream = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **options)
-    if builder != "text":  # a stream does not know its columns up front, so select_text cannot check them
+    """Blocks tokenised and packed on the fly: no preprocessing pass, no store. Each .txt file is one document, read
+    a megabyte at a time as the token store reads it; tabular files stream through an `IterableDataset`, memory
+    bounded by the largest row."""
+    if builder == "text":
+        pieces = itertools.chain.from_iterable(cut_pieces(file_chunks([file])) for file in files)
+        batches = (ids for ids, _ in encoded(pieces, tokenizer, np.dtype(np.int64)))
+    else:  # a stream does not know its columns up front, so select_text cannot check them
+        stream = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
         stream = stream.select_columns([text_column]).rename_column(text_column, "text") \
             if text_column != "text" else stream.select_columns(["text"])
-    buffer: list[int] = []
-    for row in tokenize_lines(stream, tokenizer):
-        buffer.extend(row["ids"])
-        while len(buffer) >= block_size:
-            yield {"input_ids": buffer[:block_size]}
-            buffer = buffer[block_size:]
+        batches = (np.asarray(row["ids"], dtype=np.int64) for row in tokenize_lines(stream, tokenizer))
+    buffer = np.zeros(0, dtype=np.int64)
+    for ids in batches:
+        buffer = np.concatenate([buffer, ids])
+        blocks = len(buffer) // block_size
+        for index in range(blocks):
+            yield {"input_ids": buffer[index * block_size : (index + 1) * block_size].tolist()}
+        buffer = buffer[blocks * block_size :]

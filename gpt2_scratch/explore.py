@@ -30,7 +30,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .cli import UsageError, load_adapter, load_for_generation, token_pieces
+from .loading import first_line, load_adapter, load_for_generation
+from .tokenizer import token_pieces
 
 DEFAULT_PROMPT = "To be, or not to be, that is the question:"
 SHOWN_CANDIDATES = 10
@@ -209,15 +210,13 @@ class Explorer:
 
 def load_explorer(source: str, adapter: str | None = None) -> Explorer:
     """An Explorer on a model folder or Hub id, with a LoRA adapter merged in; whatever stops the model from loading
-    is one line (UsageError, ValueError or FileNotFoundError), so nothing is served."""
-    from .loading import first_line
-
+    is one line (ValueError or FileNotFoundError), so nothing is served."""
     try:
         model, tokenizer = load_for_generation(source)
-    except (UsageError, ValueError, FileNotFoundError):
+    except (ValueError, FileNotFoundError):
         raise
     except Exception as error:  # a damaged weights file, a missing tensor, ...: whatever the loader raised
-        raise UsageError(f"--model {source}: the model cannot be loaded ({type(error).__name__}: "
+        raise ValueError(f"--model {source}: the model cannot be loaded ({type(error).__name__}: "
                          f"{first_line(error)}); check the folder's files or give another model") from error
     name = source
     if adapter:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import datasets
+from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 from .data import looks_like_hub_id
-from .modeling_gpt2_scratch import GPT2ScratchPreTrainedModel
+from .modeling_gpt2_scratch import GPT2ScratchForCausalLM, GPT2ScratchPreTrainedModel
 
 STOCK = "gpt2"  # the model_type of transformers' GPT-2, which OpenAI's checkpoints on the Hub carry
 LOADABLE = (GPT2ScratchConfig.model_type, STOCK)
@@ -74,3 +75,18 @@ def load_tokenizer(name: str, where: str, remedy: str = "give one with --tokeniz
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, TypeError) as error:
         raise ValueError(f"{where} {name}: no usable tokenizer there ({first_line(error)}); {remedy}") from error
+
+
+def load_for_generation(source: str) -> tuple[GPT2ScratchForCausalLM, PreTrainedTokenizerBase]:
+    """Model and tokenizer from a folder or a Hub id: a gpt2_scratch model, or a stock GPT-2 converted on load."""
+    where = "--model"
+    check_source(source, where)
+    tokenizer = load_tokenizer(source, where, remedy="save one into the model folder")
+    return load_model(GPT2ScratchForCausalLM, source, where).eval(), tokenizer
+
+
+def load_adapter(model: GPT2ScratchForCausalLM, adapter: str) -> PeftModel:
+    """`model` with the LoRA adapter in folder `adapter` (a PeftModel, in eval mode)."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter).eval()

@@ -7,11 +7,9 @@ corpus (named source, local files or Hub) → tokenizer (saved, OpenAI's GPT-2 B
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -26,26 +24,26 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from .configuration_gpt2_scratch import PRESETS, GPT2ScratchConfig
 from .data import (
+    VALIDATION_FRACTION,
+    TokenBlocks,
     add_data_arguments,
     check_data_arguments,
     data_name,
     data_stem,
     evaluation_windows,
-    flat_tokens,
     local_files_of,
     local_texts,
     looks_like_hub_id,
-    pack_blocks,
     streaming_blocks,
     token_byte_lengths,
-    tokenize_lines,
-    training_corpus,
+    train_corpus,
 )
 from .files import staged_output
 from .hub import push_folder, render_model_card, save_loss_curve
 from .loading import check_source, load_model, load_tokenizer
 from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
-from .sources import LOADERS, cache_root
+from .sources import LOADERS
+from .token_store import dataset_tokens, text_file_tokens, text_file_training_part
 from .tokenizer import load_gpt2_tokenizer, train_tokenizer, with_stock_settings
 from .training import (
     ArgumentParser,
@@ -59,18 +57,23 @@ from .training import (
     public_arguments,
 )
 
+FINAL_EVAL_SAMPLES = 1024  # validation windows scored by default when evaluating only at the end of the run
 MODEL_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Pretrain a GPT-2 from scratch with Accelerate.")
     data = add_data_arguments(parser, "shakespeare", LOADERS, ".txt/.json/.jsonl/.csv/.parquet files or folders; "
-                                                              "plain text is split 90/10 by characters")
+                                                              "plain text's last ~10%% (by bytes) is held out")
     data.add_argument("--text_column", default="text")
     data.add_argument("--streaming", action="store_true",
                       help="tokenise and pack --train_file on the fly; needs --tokenizer and --max_steps")
     data.add_argument("--streaming_eval_blocks", type=int, default=16,
                       help="with --streaming: the first N blocks of the stream are the validation split")
+    data.add_argument("--max_eval_samples", type=int, default=None,
+                      help="score the first N windows of the validation (and test) split; default: a tenth of the "
+                           "blocks trained between two evaluations with --eval_steps, else "
+                           f"{FINAL_EVAL_SAMPLES}")
     data.add_argument("--tokenizer", default=None,
                       help="a saved tokenizer folder, a Hub id, or 'gpt2' for OpenAI's BPE; default: the one of "
                            "--model_name_or_path, or else train one on the train split")
@@ -150,20 +153,39 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
                                          eos_token_id=tokenizer.eos_token_id, **overrides)
 
 
-def cached_tokens(split, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
-    """All tokens of a split, tokenised with `datasets.map` once and cached by (text, tokenizer) content."""
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    for text in split["text"]:
-        digest.update(text.encode("utf-8"))
-    path = cache_root() / "tokens" / f"{digest.hexdigest()[:32]}.npy"
-    if path.is_file():
-        return np.load(path)
-    tokens = flat_tokens(tokenize_lines(split, tokenizer))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, tokens)
-    tmp.replace(path)
-    return tokens
+def corpus_tokens(args: argparse.Namespace) -> tuple[PreTrainedTokenizerBase, dict[str, np.ndarray]]:
+    """The tokenizer, and the train, validation (and test) ids memory-mapped from their token stores (tokenised by
+    the first run, read from disk by later runs and by the other processes). Plain-text training files stream into
+    the store, never whole in memory; their last ~10% (by bytes, at a safe cut) is the validation split unless a
+    --validation_file is given. Tabular files, named sources and Hub datasets go through `datasets` first."""
+    builder, files = local_files_of(args.train_file, "--train_file") if args.train_file else (None, [])
+    if builder == "text":
+        tokenizer = get_tokenizer(args, text_file_training_part(
+            files, 0.0 if args.validation_file else VALIDATION_FRACTION))
+        store = text_file_tokens(files, tokenizer, VALIDATION_FRACTION)
+        held_out = len(store.tokens) if store.held_out_start is None or args.validation_file \
+            else store.held_out_start
+        splits = {"train": store.tokens[:held_out], "validation": store.tokens[held_out:]}
+    else:
+        corpus = train_corpus(args)
+        tokenizer = get_tokenizer(args, corpus["train"])
+        splits = {split: dataset_tokens(rows, tokenizer, f"the {split} split of {data_name(args)}")
+                  for split, rows in corpus.items()}
+    for split in ("validation", "test"):
+        if getattr(args, f"{split}_file"):
+            splits[split] = file_tokens(args, split, tokenizer)
+    return tokenizer, splits
+
+
+def file_tokens(args: argparse.Namespace, split: str, tokenizer: PreTrainedTokenizerBase) -> np.ndarray | None:
+    """The ids of --validation_file or --test_file (`split`), if given, from their token store."""
+    specs, where = getattr(args, f"{split}_file"), f"--{split}_file"
+    if not specs:
+        return None
+    builder, files = local_files_of(specs, where)
+    if builder == "text":
+        return text_file_tokens(files, tokenizer, VALIDATION_FRACTION).tokens
+    return dataset_tokens(local_texts(specs, args.text_column, where)[1], tokenizer, where)
 
 
 class BlockStream(torch.utils.data.IterableDataset):
@@ -198,28 +220,38 @@ def prepare_data(args, accelerator: Accelerator):
                              "tokens: too little text to stream")
         return (tokenizer, BlockStream(make_blocks, args.streaming_eval_blocks), np.concatenate(eval_blocks),
                 file_tokens(args, "test", tokenizer))
-    with accelerator.main_process_first():  # the main process downloads and tokenises; the others read the cache
-        corpus = training_corpus(args)
-        tokenizer = get_tokenizer(args, corpus["train"])
-        train_tokens = cached_tokens(corpus["train"], tokenizer)
-        validation_tokens = cached_tokens(corpus["validation"], tokenizer)
-        test = cached_tokens(corpus["test"], tokenizer) if "test" in corpus else None
+    with accelerator.main_process_first():  # the main process downloads and tokenises; the others read the stores
+        tokenizer, splits = corpus_tokens(args)
     block = args.context_length or PRESETS[args.preset]["context_length"]
-    blocks = pack_blocks(train_tokens, block, f"the training split of {data_name(args)}").with_format("torch")
-    return tokenizer, blocks, validation_tokens, test
+    blocks = TokenBlocks(splits["train"], block, f"the training split of {data_name(args)}")
+    return tokenizer, blocks, splits["validation"], splits.get("test")
 
 
-def file_tokens(args, split: str, tokenizer: PreTrainedTokenizerBase) -> np.ndarray | None:
-    """The tokens of --validation_file or --test_file (`split`), if given, for a streaming run."""
-    files = getattr(args, f"{split}_file")
-    return cached_tokens(local_texts(files, args.text_column, f"--{split}_file")[1], tokenizer) if files else None
+LOGIT_CHUNK = 1 << 22  # logits computed and scored at a time by the evaluator: 16 MB in float32
+
+
+def summed_next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The summed loss of predicting each token of `ids` (batch x length) after the first. The head's
+    logits are computed and scored LOGIT_CHUNK values at a time, in float32: the full (batch x length x vocabulary)
+    logits, and a float32 copy of them, are never made (for GPT-2's vocabulary they are ~200 KB a token)."""
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+    targets = ids[:, 1:].flatten()
+    head = model.get_output_embeddings()
+    rows = max(1, LOGIT_CHUNK // head.out_features)
+    total = torch.zeros((), device=ids.device)
+    for start in range(0, len(targets), rows):
+        logits = head(hidden[start : start + rows]).float()
+        total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum")
+    return total
 
 
 def language_model_evaluator(
-    tokens: np.ndarray, byte_lengths: np.ndarray, block_size: int, batch_size: int, accelerator: Accelerator
+    tokens: np.ndarray, byte_lengths: np.ndarray, block_size: int, batch_size: int, accelerator: Accelerator,
+    max_samples: int | None = None,
 ) -> Callable[[torch.nn.Module], dict[str, float]]:
-    """Loss per token, perplexity and bits per byte over the whole validation split, shared across processes."""
-    windows = evaluation_windows(tokens, block_size)
+    """Loss per token, perplexity and bits per byte over the first `max_samples` windows of the validation split
+    (default: all of it), shared across processes. The function has `tokens`: how many tokens it scores."""
+    windows = evaluation_windows(tokens, block_size, max_samples)
     mine = windows[accelerator.process_index :: accelerator.num_processes]
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -229,19 +261,31 @@ def language_model_evaluator(
         for _, group in itertools.groupby(mine, key=len):  # equal-length windows batch together
             group = list(group)
             for start in range(0, len(group), batch_size):
-                ids = torch.as_tensor(np.stack(group[start : start + batch_size]), device=accelerator.device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                targets = ids[:, 1:]
-                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-                scored += targets.numel()
-                scored_bytes += float(byte_lengths[targets.cpu().numpy()].sum())
+                rows = np.stack(group[start : start + batch_size]).astype(np.int64)
+                ids = torch.from_numpy(rows).to(accelerator.device)
+                nll += summed_next_token_loss(model, ids).cpu().double()
+                scored += ids.shape[0] * (ids.shape[1] - 1)
+                scored_bytes += float(byte_lengths[rows[:, 1:]].sum())
         nll, scored, scored_bytes = (accelerator.reduce(t.to(accelerator.device), "sum").item()
                                      for t in (nll, scored, scored_bytes))
         loss = nll / scored
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
                 "eval/bits_per_byte": nll / math.log(2) / scored_bytes}
 
+    evaluate.tokens = sum(len(window) - 1 for window in windows)
     return evaluate
+
+
+def eval_samples(args: argparse.Namespace, processes: int) -> int:
+    """--max_eval_samples, or its default: with --eval_steps, a tenth of the blocks trained between two evaluations
+    (at least one batch), so that evaluating, at 2-3x the training's tokens per second, costs a few percent of the
+    training time; evaluated only at the end, FINAL_EVAL_SAMPLES windows."""
+    if args.max_eval_samples:
+        return args.max_eval_samples
+    if not args.eval_steps:
+        return FINAL_EVAL_SAMPLES
+    trained = args.eval_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+    return max(args.per_device_eval_batch_size or args.per_device_train_batch_size, trained // 10)
 
 
 def step_seconds(config: GPT2ScratchConfig, args: argparse.Namespace, trials: int = 12,
@@ -335,8 +379,10 @@ def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}  # the model shifts labels itself
 
 
-def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedTokenizerBase, args, result) -> None:
-    """Model, tokenizer, card, loss curve and metrics, written so the folder loads only when complete."""
+def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedTokenizerBase, args, result,
+                covered: dict[str, int]) -> None:
+    """Model, tokenizer, card, loss curve and metrics (with the tokens each score `covered`), written so the folder
+    loads only when complete."""
     with staged_output(out) as staging:
         model.save_pretrained(staging)
         with_stock_settings(tokenizer, model.config.context_length).save_pretrained(staging)
@@ -351,7 +397,7 @@ def save_output(out: Path, model: GPT2ScratchForCausalLM, tokenizer: PreTrainedT
         card.save(staging / "README.md")
         save_loss_curve(result.progress.history, staging / "loss_curve.png")
         (staging / "metrics.json").write_text(json.dumps(
-            {**metrics, "steps": result.progress.step, "train_seconds": result.seconds}, indent=2))
+            {**metrics, **covered, "steps": result.progress.step, "train_seconds": result.seconds}, indent=2))
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
@@ -368,8 +414,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     model = load_start(args, tokenizer)
     config = model.config
     eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
+    samples = eval_samples(args, accelerator.num_processes)
     evaluate = language_model_evaluator(validation_tokens, token_byte_lengths(tokenizer), config.context_length,
-                                        eval_batch, accelerator)
+                                        eval_batch, accelerator, samples)
+    accelerator.print(f"evaluation: {evaluate.tokens:,} tokens of the {len(validation_tokens):,} in the validation "
+                      f"split (--max_eval_samples {samples})")
     loop = TrainingLoop(accelerator, args, model, train_data, collate_blocks, evaluate)
     accelerator.init_trackers("runs", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
     length = f"optimizer steps for {args.max_train_minutes:g} minutes" if args.schedule_on_clock \
@@ -379,18 +428,22 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                       f"context {config.context_length}); {length} on "
                       f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}")
     result = loop.run()
+    covered = {"eval_tokens": evaluate.tokens}  # how many tokens each score covers, for metrics.json
     final = accelerator.unwrap_model(loop.model)
     if test_tokens is not None:  # scored once, by the weights that are saved
         score_test = language_model_evaluator(test_tokens, token_byte_lengths(tokenizer), config.context_length,
-                                              eval_batch, accelerator)
+                                              eval_batch, accelerator, samples)
         with torch.no_grad():
             final.eval()
             result.metrics.update({k.replace("eval/", "test/"): v for k, v in score_test(final).items()})
-        accelerator.print(f"test bits per byte {result.metrics['test/bits_per_byte']:.4f}")
+        covered["test_tokens"] = score_test.tokens
+        accelerator.print(f"test bits per byte {result.metrics['test/bits_per_byte']:.4f} over {score_test.tokens:,} "
+                          "tokens")
     out = Path(args.output_dir)
     if accelerator.is_main_process:
-        save_output(out, final, tokenizer, args, result)
-        print(f"saved to {out}: validation bits per byte {result.metrics['eval/bits_per_byte']:.4f}")
+        save_output(out, final, tokenizer, args, result, covered)
+        print(f"saved to {out}: validation bits per byte {result.metrics['eval/bits_per_byte']:.4f} over "
+              f"{evaluate.tokens:,} tokens")
         if args.push_to_hub:
             print(f"pushed to {push_folder(out, args.hub_model_id)}")
     loop.close()  # the process group: last

@@ -30,6 +30,7 @@ from datasets import Dataset
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .bpe import CHAR_TO_BYTE
 from .files import replace_dir_atomically
 from .sources import fetch
 
@@ -274,3 +275,15 @@ def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
     if isinstance(stock, GPT2Tokenizer):  # GPT-2's own two files too, as stock GPT-2 folders have them
         written += [Path(f).name for f in stock.backend_tokenizer.model.save(str(dest))]
     return written
+
+
+def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str | bytes]:
+    """The text each token stands for, or its bytes when it holds only part of a character ('é': b'\\xc3' b'\\xa9')."""
+    pieces: list[str | bytes] = []
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        piece = tokenizer.decode([token_id])
+        if "\ufffd" in piece and all(c in CHAR_TO_BYTE for c in token):
+            pieces.append(bytes(CHAR_TO_BYTE[c] for c in token))
+        else:
+            pieces.append(piece)
+    return pieces

@@ -9,6 +9,7 @@ mixed precision and state saving; this module only decides *what* happens at eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -16,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NoReturn
@@ -125,7 +126,7 @@ ARGUMENT_LIMITS = {
     # LoRA, classification and instruction tuning
     "lora_r": Limits(1, 1600), "lora_alpha": Limits(0, low_open=True), "lora_dropout": FRACTION,
     "task_train_size": Limits(1, 10 ** 6), "task_test_size": Limits(1, 10 ** 6), "max_new_tokens": POSITIVE,
-    "max_eval_examples": POSITIVE,
+    "max_eval_examples": POSITIVE, "max_eval_samples": POSITIVE,
 }
 
 
@@ -153,12 +154,24 @@ def check_training_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-scratch-shakespeare)")
 
 
+class Terminated(BaseException):
+    """SIGTERM before the training loop (which takes stop signals itself), raised where the program is (a
+    BaseException, as KeyboardInterrupt: no `except Exception` on the way turns it into an error message)."""
+
+
+def raise_terminated(number: int, frame: object) -> NoReturn:
+    raise Terminated
+
+
 def run_script(main: Callable[[], object]) -> None:
     """Entry point of a training script: bad input is one line on stderr and exit status 2, not a traceback; Ctrl-C
-    before the training loop (which saves and exits by itself) is one line and exit status 130."""
+    or SIGTERM before the training loop (which saves and exits by itself), while data is downloaded or tokenised
+    (a token store half-built is deleted, never used), is one line and exit status 130 or 143."""
     from .sources import SourceError
 
     quiet_library_progress()
+    on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if on_main_thread else None
     try:
         main()
     except (ValueError, FileNotFoundError, SourceError) as error:
@@ -167,6 +180,12 @@ def run_script(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted before training started: nothing to save", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    except Terminated:
+        print("stopped by SIGTERM before training started: nothing to save", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -331,15 +350,26 @@ def public_arguments(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "push_to_hub"}
 
 
+class Interrupted(BaseException):
+    """A stop signal that ended a phase `StopSignals.interrupting` marked (a BaseException: an evaluator's
+    `except Exception` must not swallow it)."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
+
+
 class StopSignals:
     """While active, SIGINT (Ctrl-C) and SIGTERM (`kill`, a job scheduler, `docker stop`) only take note: the loop
     stops at the next optimizer step's end, saves a checkpoint and exits with 128 + the signal's number (130, 143),
     as a shell reports a process that signal ended. A repeat changes nothing: `accelerate launch` forwards a Ctrl-C
-    to processes that already had it from the terminal. (SIGKILL cannot be caught: the last checkpoint remains.)"""
+    to processes that already had it from the terminal. (SIGKILL cannot be caught: the last checkpoint remains.)
+    Inside `interrupting()` a signal ends the phase at once instead, by raising `Interrupted`."""
 
     def __init__(self) -> None:
         self.received = 0
         self.previous: dict[int, object] = {}
+        self.interruptible = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
@@ -349,6 +379,22 @@ class StopSignals:
 
     def note(self, number: int, frame: object) -> None:
         self.received = self.received or number
+        if self.interruptible:
+            self.interruptible = False
+            raise Interrupted(self.received)
+
+    @contextlib.contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """A phase that changes nothing a checkpoint holds (evaluation): a stop signal received before or during it
+        raises `Interrupted` where the program is (Python runs the handler between two operations, so within a
+        batch's time), rather than after the phase's end."""
+        if self.received:
+            raise Interrupted(self.received)
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
 
     def __exit__(self, *exc_info: object) -> None:
         for number, handler in self.previous.items():
@@ -649,17 +695,26 @@ class TrainingLoop:
                 optimizer.zero_grad(set_to_none=True)
         return loss.detach().float().item(), stop_signal
 
-    def stop(self, number: int, checkpoint: Path) -> NoReturn:
+    def stop(self, number: int, checkpoint: Path, during: str = "") -> NoReturn:
         """The end of a run a signal stopped: one line saying how to go on, and the shell's status for the signal."""
         if self.accelerator.is_main_process:
-            print(f"stopped by {signal.Signals(number).name} after step {self.progress.step}: saved {checkpoint}; to "
-                  "go on, run the same command with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+            print(f"stopped by {signal.Signals(number).name}{during} after step {self.progress.step}: saved "
+                  f"{checkpoint}; to go on, run the same command with --resume_from_checkpoint latest",
+                  file=sys.stderr, flush=True)
         raise SystemExit(128 + number)
 
     def run_evaluation(self) -> dict[str, float]:
+        """Evaluate, log and keep the best weights. With one process a stop signal ends the evaluation at once: the
+        run saves at the last completed step and exits (`stop`). With several, the signal waits for the evaluation's
+        end, so that every process leaves it at the same point and their collectives stay in step."""
         self.model.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            metrics = self.evaluate(self.accelerator.unwrap_model(self.model))
+        alone = self.accelerator.num_processes == 1
+        try:
+            with torch.no_grad(), self.accelerator.autocast(), \
+                    self.signals.interrupting() if alone else contextlib.nullcontext():
+                metrics = self.evaluate(self.accelerator.unwrap_model(self.model))
+        except Interrupted as stopped:
+            self.stop(stopped.number, self.save_checkpoint(), " during the evaluation")
         self.model.train()
         self.log(metrics)
         self.accelerator.print(f"step {self.progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

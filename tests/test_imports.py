@@ -8,9 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "gpt2_scratch"
 LAYERS = [  # lowest first; a module may import its own layer and those below, never one above
     {"configuration_gpt2_scratch", "modeling_gpt2_scratch", "decoding_gpt2_scratch", "stock_gpt2_scratch"},
-    {"files", "sources", "bpe", "tokenizer", "data", "tasks", "metrics"},
+    {"files", "sources", "bpe", "tokenizer", "token_store", "data", "tasks", "metrics"},
     {"memory", "checkpoints", "training", "loading", "lora", "hub"},
-    {"pretraining", "classification", "instruction", "convert", "cli", "demo", "__init__"},
+    {"pretraining", "classification", "instruction", "convert", "explore", "cli", "demo", "__init__"},
 ]
 CHECKPOINT_CODE = LAYERS[0]  # copied into every saved folder: libraries and each other only
 
