@@ -7,14 +7,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_compiled_module
-from conftest import TEXT, assert_clear_failure, assert_ok, tiny_config, training_script
+from conftest import ROOT, TEXT, assert_clear_failure, assert_ok, tiny_config, training_script
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
@@ -213,3 +215,17 @@ def test_padding_is_refused_beyond_its_limit(corpus, tmp_path):
     result = training_script("pretrain.py", ["--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), *TINY,
                                              "--pad_vocab_to_multiple_of", "100000"])
     assert_clear_failure(result, "--pad_vocab_to_multiple_of must be at least 0 and at most 4,096", tmp_path / "out")
+
+
+def test_gpu_check_smoke_runs_the_training_check_on_a_cpu(monkeypatch, capsys):
+    """benchmarks/gpu_check.py --smoke: the GPU check's training part (the scripts' loop, ours padded beside
+    transformers' GPT-2, MFU, ratios, each run's settings read off its loop) on a tiny model, eager, one timed step."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--smoke"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit.value.code == 0, out
+    for line in ("gpt2_scratch  eager", "transformers  eager", "eager: gpt2_scratch / transformers",
+                 "vocabulary padded to a multiple of 64", "compiled False, bf16 autocast", "vocab 300, batch 2 x 32"):
+        assert line in out, out
