@@ -335,10 +335,10 @@ def build_optimizers(model: nn.Module, args: argparse.Namespace, fused: bool = F
     """AdamW over everything; or Muon over the blocks' 2-D weight matrices and AdamW over the rest (Muon is for
     hidden layers: embeddings, the output head, biases and norms keep AdamW). `fused`: AdamW's fused kernel (Muon
     has none)."""
-    fused = True if fused else None  # None: PyTorch's default implementation for the device
+    adamw_fused = True if fused else None  # None: PyTorch's default implementation for the device
     if args.optimizer == "adamw":
         return [torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=(0.9, 0.95), fused=fused)]
+                                  betas=(0.9, 0.95), fused=adamw_fused)]
     hidden = [param for name, param in model.named_parameters()
               if param.requires_grad and param.ndim == 2 and ".trf_blocks." in name]
     if not hidden:
@@ -347,7 +347,7 @@ def build_optimizers(model: nn.Module, args: argparse.Namespace, fused: bool = F
     ns_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     return [Muon(hidden, ns_dtype, lr=args.muon_learning_rate, weight_decay=args.weight_decay,
                  ns_steps=args.muon_ns_steps),
-            torch.optim.AdamW(rest, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused)]
+            torch.optim.AdamW(rest, lr=args.learning_rate, betas=(0.9, 0.95), fused=adamw_fused)]
 
 
 def check_memory(args: argparse.Namespace, config: GPT2ScratchConfig, device: torch.device,
