@@ -1,6 +1,8 @@
 """Speed of gpt2_scratch against transformers' own GPT2LMHeadModel, measured in one process on the same weights.
 
-    .venv/bin/python benchmarks/bench_model.py            # full run (~5 minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_model.py            # full run (~5 minutes on 2 CPU cores, and the
+                                                          # compiled demo model's two compilations)
+    .venv/bin/python benchmarks/bench_model.py --parts compile   # the demo model, eager vs --torch_compile
     .venv/bin/python benchmarks/bench_model.py --quick    # fewer steps, for a smoke check
 
 Prints training-step tokens/s (fp32 and bf16 autocast) for a 6-layer/384-wide/8192-vocab/256-context model at

@@ -33,7 +33,7 @@ from gpt2_scratch.training import (
 )
 
 # No dropout: compiled dropout draws other random numbers than eager dropout, and the curves are compared step by step.
-TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
+TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "1",
         "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
         "--warmup_steps", "2", "--logging_steps", "1", "--seed", "7", "--drop_rate", "0.0", "--max_steps", "4",
         "--save_steps", "2"]
@@ -44,6 +44,14 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "hamlet.txt"
     path.write_text((TEXT.replace(". ", ".\n") + "\n") * 6)
     return path
+
+
+@pytest.fixture(scope="module")
+def eager(corpus, tmp_path_factory) -> Path:
+    """The uncompiled, unpadded run every other run here is held to."""
+    out = tmp_path_factory.mktemp("eager")
+    pretrain(corpus, out)
+    return out
 
 
 def pretrain(corpus: Path, out: Path, *extra: str) -> None:
@@ -63,14 +71,14 @@ def restores_determinism():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
 
 
-def test_compiled_pretraining_follows_the_eager_curve_and_resumes_exactly(corpus, tmp_path, restores_determinism):
+def test_compiled_pretraining_follows_the_eager_curve_and_resumes_exactly(corpus, eager, tmp_path,
+                                                                         restores_determinism):
     """--torch_compile (inductor) in fp32: the same loss at every step as eager training to float rounding; the
     checkpoints hold the tensors under the model's own names (no `_orig_mod.`: an eager run can resume a compiled
     one's checkpoint and the other way round), and a compiled run resumed from step 2 ends bit for bit where the
     uninterrupted compiled run did (with --full_determinism: inductor's embedding gradient adds in parallel, and two
     fresh compiled runs differ in the last bits without it). The saved folders generate the same tokens."""
-    eager, compiled, resumed = tmp_path / "eager", tmp_path / "compiled", tmp_path / "resumed"
-    pretrain(corpus, eager)
+    compiled, resumed = tmp_path / "compiled", tmp_path / "resumed"
     pretrain(corpus, compiled, "--torch_compile", "--full_determinism")
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-5) and len(losses(eager)) == 4
     for checkpoint in ("checkpoint-2", "checkpoint-4"):
@@ -183,11 +191,10 @@ def test_padding_the_vocabulary_changes_no_number():
     assert not model.out_head._forward_hooks
 
 
-def test_padded_pretraining_saves_the_real_vocabulary(corpus, tmp_path):
+def test_padded_pretraining_saves_the_real_vocabulary(corpus, eager, tmp_path):
     """--pad_vocab_to_multiple_of 64: the 300-token run trains padded to 320 (checkpoints padded, and resumed padded
     bit for bit), follows the unpadded run's curve, and saves a 300-token GPT-2 that converts to stock exactly."""
-    plain, padded, resumed = tmp_path / "plain", tmp_path / "padded", tmp_path / "resumed"
-    pretrain(corpus, plain)
+    plain, padded, resumed = eager, tmp_path / "padded", tmp_path / "resumed"
     result = training_script("pretrain.py", ["--dataset", str(corpus), "--output_dir", str(padded), *TINY,
                                               "--pad_vocab_to_multiple_of", "64"])
     assert_ok(result)
