@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from .configuration_gpt2_scratch import PRESETS, GPT2ScratchConfig
@@ -47,6 +47,7 @@ from .token_store import dataset_tokens, text_file_tokens, text_file_training_pa
 from .tokenizer import load_gpt2_tokenizer, train_tokenizer, with_stock_settings
 from .training import (
     ArgumentParser,
+    PaddedVocabulary,
     TrainingLoop,
     add_training_arguments,
     build_optimizers,
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         model.add_argument(f"--{name}", type=float if name == "drop_rate" else int, default=None,
                            help="default: the tokenizer's size" if name == "vocab_size" else None)
     model.add_argument("--qkv_bias", action="store_true")
+    model.add_argument("--pad_vocab_to_multiple_of", type=int, default=0,
+                       help="train with the vocabulary padded to a multiple of N (64 on a GPU: 50,257 -> 50,304); "
+                            "the padded tokens are never predicted, and the saved model has the real vocabulary")
     model.add_argument("--license", default="mit", help="licence recorded in the model card")
     model.add_argument("--prompt", default="ROMEO:", help="example prompt for the model card")
     add_training_arguments(parser)
@@ -413,6 +417,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         check_memory(args, build_config(args, tokenizer), accelerator.device)
     model = load_start(args, tokenizer)
     config = model.config
+    vocab_size, padding = config.vocab_size, None
+    if args.pad_vocab_to_multiple_of:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("--pad_vocab_to_multiple_of trims the padded rows before saving, which FSDP's sharded "
+                             "embeddings do not allow: drop it with FSDP")
+        padding = PaddedVocabulary(model, args.pad_vocab_to_multiple_of)
     eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
     samples = eval_samples(args, accelerator.num_processes)
     evaluate = language_model_evaluator(validation_tokens, token_byte_lengths(tokenizer), config.context_length,
@@ -424,10 +434,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     length = f"optimizer steps for {args.max_train_minutes:g} minutes" if args.schedule_on_clock \
         and args.max_steps <= 0 else f"{loop.total_steps} optimizer steps"
     accelerator.print(f"model: {model.num_parameters():,} parameters ({args.model_name_or_path or args.preset}, "
-                      f"vocab {config.vocab_size}, "
+                      f"vocab {vocab_size}"
+                      + (f" padded to {config.vocab_size}, " if config.vocab_size != vocab_size else ", ") +
                       f"context {config.context_length}); {length} on "
                       f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}")
     result = loop.run()
+    if padding:
+        padding.trim()
     covered = {"eval_tokens": evaluate.tokens}  # how many tokens each score covers, for metrics.json
     final = accelerator.unwrap_model(loop.model)
     if test_tokens is not None:  # scored once, by the weights that are saved

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, PartialState
+from accelerate.utils import DynamoBackend, TorchDynamoPlugin, compile_regions
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, enable_full_determinism, get_cosine_schedule_with_warmup
 
 from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .configuration_gpt2_scratch import GPT2ScratchConfig
@@ -65,7 +66,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num_train_epochs", type=float, default=1.0)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--full_determinism", action="store_true",
+                       help="deterministic kernels only (slower): a compiled run then also resumes bit for bit "
+                            "(inductor's embedding gradient otherwise adds in parallel, in no fixed order)")
     group.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
+    group.add_argument("--torch_compile", action="store_true",
+                       help="compile the training step with torch.compile (inductor; `accelerate launch "
+                            "--dynamo_backend/--dynamo_mode ...` choose others): faster steps once the first has "
+                            "compiled (tens of seconds); checkpoints and the saved model are the same as without")
     group.add_argument("--eval_strategy", choices=["steps", "epoch"], default="steps",
                        help="evaluate every --eval_steps steps, or at the end of every epoch (always at the end)")
     group.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: at the end only)")
@@ -122,7 +130,7 @@ ARGUMENT_LIMITS = {
     # the model (pretraining)
     "vocab_size": POSITIVE, "context_length": POSITIVE, "emb_dim": POSITIVE, "n_heads": POSITIVE,
     "n_layers": POSITIVE, "drop_rate": FRACTION, "tokenizer_vocab_size": Limits(1, 2 ** 31 - 1),
-    "streaming_eval_blocks": POSITIVE,
+    "streaming_eval_blocks": POSITIVE, "pad_vocab_to_multiple_of": Limits(0, 4096),
     # LoRA, classification and instruction tuning
     "lora_r": Limits(1, 1600), "lora_alpha": Limits(0, low_open=True), "lora_dropout": FRACTION,
     "task_train_size": Limits(1, 10 ** 6), "task_test_size": Limits(1, 10 ** 6), "max_new_tokens": POSITIVE,
@@ -192,6 +200,9 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without GPUs: Accelerate joins them
     # with gloo on the CPU only when told to use the CPU; otherwise each process would train alone.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    settings = device_settings(PartialState(cpu=cpu_processes).device)
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
     return Accelerator(
         cpu=cpu_processes,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -199,8 +210,77 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         log_with="tensorboard",
         project_dir=args.output_dir,
         # The shuffling order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  non_blocking=settings.pin_memory),
+        # Accelerate's own compile would wrap the model in torch.compile's OptimizedModule, whose state dict names
+        # every tensor `_orig_mod.<name>` (checkpoints, best weights), and evaluation would run compiled too (a
+        # recompilation per batch shape). The loop compiles its training step itself, with Accelerate's dynamo
+        # settings (`compile_settings`).
+        dynamo_plugin=TorchDynamoPlugin(backend="no"),
     )
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """What a careful user sets by hand for training on a device; the loop takes them from `device_settings`."""
+
+    tf32: bool  # float32 matmuls (those outside bf16/fp16 autocast) on TF32 tensor cores: torch's "high" precision
+    fused_adamw: bool  # AdamW's update as one fused kernel per step instead of several per tensor
+    pin_memory: bool  # batches in page-locked memory, copied to the GPU without blocking the step
+
+
+def device_settings(device: torch.device) -> DeviceSettings:
+    """On CUDA: TF32, fused AdamW, pinned memory. Elsewhere as PyTorch's defaults. (Attention needs no setting:
+    training batches carry no mask, so the model calls SDPA with `is_causal=True` and no `attn_mask`, which under
+    bf16 is what the flash kernel takes.)"""
+    cuda = device.type == "cuda"
+    return DeviceSettings(tf32=cuda, fused_adamw=cuda, pin_memory=cuda)
+
+
+def compile_settings(args: argparse.Namespace) -> TorchDynamoPlugin | None:
+    """How the training step is compiled, or None to run it eagerly: with --torch_compile, or when Accelerate's
+    dynamo settings ask for it (`accelerate launch --dynamo_backend inductor`, `accelerate config`), which also
+    choose the backend and mode for --torch_compile (default: inductor, default mode)."""
+    plugin = TorchDynamoPlugin()  # the ACCELERATE_DYNAMO_* variables `accelerate launch` sets
+    if plugin.backend == DynamoBackend.NO:
+        if not args.torch_compile:
+            return None
+        plugin.backend = DynamoBackend.INDUCTOR
+    return plugin
+
+
+def compiled_step(model: nn.Module, plugin: TorchDynamoPlugin | None) -> nn.Module:
+    """What the training step calls: `model` itself, or compiled as Accelerate's `prepare` would compile it (the
+    whole prepared model, or with regional compilation its repeated blocks) without replacing it: the parameters
+    are the same tensors, and `model`'s state dict keeps its names."""
+    if plugin is None:
+        return model
+    kwargs = plugin.to_kwargs()
+    return compile_regions(model, **kwargs) if plugin.use_regional_compilation else torch.compile(model, **kwargs)
+
+
+class PaddedVocabulary:
+    """A language model's token embeddings, and the output head tied to them, padded with rows up to a multiple of
+    `multiple` for training, as transformers' `resize_token_embeddings(pad_to_multiple_of=...)` pads them: matmul
+    shapes that GPU kernels tile evenly (GPT-2's 50,257 → 50,304). The padded rows' logits are cut off as the head
+    computes them, so they are never predicted, weigh nothing in the loss and get no gradient; `trim()` drops the
+    rows again before the model is saved. Pad before the optimizers are built (the parameters keep their identity,
+    with more rows), trim after the last step."""
+
+    def __init__(self, model: PreTrainedModel, multiple: int) -> None:
+        self.model, self.vocab_size = model, model.config.vocab_size
+        with torch.random.fork_rng(devices=[]):  # the new rows' initialisation must not shift the run's random stream
+            model.resize_token_embeddings(pad_to_multiple_of=multiple, mean_resizing=False)
+        self.hook = model.get_output_embeddings().register_forward_hook(self.real_logits)
+
+    def real_logits(self, head: nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
+        return logits[..., : self.vocab_size]
+
+    def trim(self) -> None:
+        """The model as it was before padding, with the trained rows: the first `vocab_size`."""
+        self.hook.remove()
+        self.model.zero_grad(set_to_none=True)  # a gradient of the padded shape would not fit the trimmed rows
+        self.model.resize_token_embeddings(self.vocab_size)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, skip: frozenset[int] = frozenset()) -> list[dict]:
@@ -272,12 +352,14 @@ def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float]
     return x.mT if tall else x
 
 
-def build_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, args: argparse.Namespace, fused: bool = False) -> list[torch.optim.Optimizer]:
     """AdamW over everything; or Muon over the blocks' 2-D weight matrices and AdamW over the rest (Muon is for
-    hidden layers: embeddings, the output head, biases and norms keep AdamW)."""
+    hidden layers: embeddings, the output head, biases and norms keep AdamW). `fused`: AdamW's fused kernel (Muon
+    has none)."""
+    adamw_fused = True if fused else None  # None: PyTorch's default implementation for the device
     if args.optimizer == "adamw":
         return [torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=(0.9, 0.95))]
+                                  betas=(0.9, 0.95), fused=adamw_fused)]
     hidden = [param for name, param in model.named_parameters()
               if param.requires_grad and param.ndim == 2 and ".trf_blocks." in name]
     if not hidden:
@@ -286,7 +368,7 @@ def build_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.o
     ns_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     return [Muon(hidden, ns_dtype, lr=args.muon_learning_rate, weight_decay=args.weight_decay,
                  ns_steps=args.muon_ns_steps),
-            torch.optim.AdamW(rest, lr=args.learning_rate, betas=(0.9, 0.95))]
+            torch.optim.AdamW(rest, lr=args.learning_rate, betas=(0.9, 0.95), fused=adamw_fused)]
 
 
 def check_memory(args: argparse.Namespace, config: GPT2ScratchConfig, device: torch.device,
@@ -524,15 +606,21 @@ class TrainingLoop:
         if isinstance(getattr(model, "config", None), GPT2ScratchConfig):
             check_memory(args, model.config, accelerator.device, model)
         streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
+        settings = device_settings(accelerator.device)
+        if settings.tf32:
+            torch.set_float32_matmul_precision("high")
         # Its own generator: creating a batch iterator must not consume the global RNG that dropout draws from.
         loader = DataLoader(train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
-                            collate_fn=collate_fn, drop_last=True,
+                            collate_fn=collate_fn, drop_last=True, pin_memory=settings.pin_memory,
                             generator=None if streaming else torch.Generator().manual_seed(args.seed))
         if args.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
             raise ValueError("--optimizer muon orthogonalises whole weight matrices, which FSDP shards across "
                              "processes: use --optimizer adamw with FSDP")
-        optimizers = build_optimizers(model, args)
+        optimizers = build_optimizers(model, args, fused=settings.fused_adamw)
         self.model, self.loader, *self.optimizers = accelerator.prepare(model, loader, *optimizers)
+        # The training step calls `step_model` (compiled with --torch_compile); evaluation, checkpoints and the script
+        # take `model`, which is never compiled: its state dict keeps its names, and no evaluation batch recompiles.
+        self.step_model = compiled_step(self.model, compile_settings(args))
         self.total_steps = self.count_steps(streaming)
         self.progress = Progress()
         self.best = BestWeights(accelerator, args, self.output_dir) if args.metric_for_best_model else None
@@ -628,7 +716,7 @@ class TrainingLoop:
         thread finishing its last work waits for, and the process hangs (seen once after a two-process run; py-spy
         showed `~ProcessGroupGloo` under `Reducer` dealloc; pytorch/pytorch#56297)."""
         self.accelerator.wait_for_everyone()
-        self.model = self.loader = None
+        self.model = self.step_model = self.loader = None
         self.optimizers, self.schedulers = [], []
         self.accelerator.free_memory()  # the accelerator's own references
         gc.collect()  # the wrapper and its hooks may form cycles: collected now, while the process group lives
@@ -683,7 +771,7 @@ class TrainingLoop:
         Returns the batch's loss and the stop signal some process received (0: none; read at optimizer steps)."""
         accelerator, stop_signal = self.accelerator, 0
         with accelerator.accumulate(self.model):
-            loss = self.compute_loss(self.model, batch)
+            loss = self.compute_loss(self.step_model, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
