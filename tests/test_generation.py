@@ -677,8 +677,8 @@ def test_decode_layout_steps_aside_for_peft_and_gradients():
     assert out.shape == (3, 11)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 def test_gpu_check_refuses_in_one_line_without_cuda():
-    assert not torch.cuda.is_available()
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -219,24 +218,57 @@ def test_the_estimate_counts_what_a_training_step_holds():
     assert training_memory(tiny_config(drop_rate=0.1), 4, device_type="cuda")["activations"] == parts["activations"]
 
 
-def test_available_memory_is_the_least_of_system_and_cgroup():
-    available, source = available_memory(torch.device("cpu"))
-    with open("/proc/meminfo") as meminfo:
-        system = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
-    assert 0 < available <= system * 1.1 and source
+def test_available_memory_is_the_least_of_system_and_cgroup(tmp_path, monkeypatch):
+    import psutil
+
+    from gpt2_scratch import memory
+
+    system = psutil.virtual_memory().available
+    monkeypatch.setattr(memory, "CGROUP", tmp_path)  # a cgroup folder of our own: none, v2, then v1
+    assert available_memory(torch.device("cpu")) == (pytest.approx(system, rel=0.1), "available to the system")
+    (tmp_path / "memory.max").write_text("max\n")  # v2 without a limit
+    (tmp_path / "memory.current").write_text(f"{2 ** 30}\n")
+    assert available_memory(torch.device("cpu"))[1] == "available to the system"
+    (tmp_path / "memory.max").write_text(f"{3 * 2 ** 30}\n")  # a 3 GiB container that uses 1 GiB: 2 GiB left
+    assert available_memory(torch.device("cpu")) == (2 * 2 ** 30, "left under the cgroup's memory.max")
+    (tmp_path / "memory.current").write_text(f"{4 * 2 ** 30}\n")  # over its limit (page cache): nothing left
+    assert available_memory(torch.device("cpu")) == (0, "left under the cgroup's memory.max")
+    (tmp_path / "memory.max").unlink()
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 ** 63 - 4096}\n")  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text(f"{2 ** 29}\n")
+    assert available_memory(torch.device("cpu"))[1] == "available to the system"
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 ** 30}\n")
+    assert available_memory(torch.device("cpu")) == (2 ** 29, "left under the cgroup's memory/memory.limit_in_bytes")
+    if system > 2 ** 40:  # a limit above what the system has left does not count
+        return
+    (v1 / "memory.limit_in_bytes").write_text(f"{system + 2 ** 40}\n")
+    assert available_memory(torch.device("cpu"))[1] == "available to the system"
 
 
 def test_settings_that_cannot_fit_end_to_end_are_refused_without_allocating(tmp_path):
+    """4,000 blocks of cpu-1m (447 M parameters, 1.7 GiB of float32 weights) with a 10,000-token context: refused
+    before anything is built. The script's own process reports its peak resident memory (VmHWM) as it exits: a
+    process that built the model would have held its weights (building it peaks at 2.27 GiB), while the script's
+    imports and tokenizer take well under 1 GiB."""
     corpus = tmp_path / "big.txt"
     corpus.write_text(TEXT * 40)  # enough tokens for one block of 10,000
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_file = tmp_path / "peak_kib"
+    report_peak = (f"import atexit, runpy, sys; atexit.register(lambda: open({str(peak_file)!r}, 'w').write("
+                   "next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     result = run_training_script("pretrain.py", [
         "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--preset", "cpu-1m", "--tokenizer_vocab_size",
-        "300", "--context_length", "10000", "--n_layers", "4000", "--max_steps", "2"])
+        "300", "--context_length", "10000", "--n_layers", "4000", "--max_steps", "2"],
+        launcher=[sys.executable, "-c", report_peak])
     assert_clear_failure(result, "this run needs at least", tmp_path / "out")
     assert len(result.stderr.strip().splitlines()) == 1 and "GiB" in result.stderr
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert max(peak_kib, before) < 3 * 2 ** 20  # under 3 GiB: nothing of the model was built
+    weights_gib = parameter_count(GPT2ScratchConfig.from_preset("cpu-1m", vocab_size=300, context_length=10_000,
+                                                                n_layers=4000)) * 4 / 2 ** 30
+    assert weights_gib > 1.6
+    peak_gib = int(peak_file.read_text()) / 2 ** 20
+    assert peak_gib < 1.0, peak_gib  # nothing of the model was built
 
 
 # --- what a user types: every numeric argument of every script, and config values ---------------------------------
