@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from gpt2_scratch.convert import config_to_hf, convert_directory, from_hf
-from gpt2_scratch.modeling_gpt2_scratch import DecodeLayout, DecodeMatmul
+from gpt2_scratch.decoding_gpt2_scratch import DecodeLayout, DecodeMatmul
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:

@@ -14,17 +14,18 @@ from huggingface_hub import snapshot_download
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
-from .files import copy_tokenizer_files, replace_dir_atomically
+from .files import replace_dir_atomically
 from .loading import STOCK, source_config
-from .modeling_gpt2_scratch import (
+from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from .stock_gpt2_scratch import (
     QKV,
     STOCK_BLOCK_TENSORS,
     STOCK_CONFIG_FIELDS,
     STOCK_HEADS,
     STOCK_MODEL_TENSORS,
-    GPT2ScratchForCausalLM,
     from_stock,
 )
+from .tokenizer import copy_tokenizer_files
 
 # The files a Hub repository may hold its tokenizer in (transformers' and OpenAI's formats).
 TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")  # any one of them makes a tokenizer folder
 
 
 @contextlib.contextmanager
@@ -50,29 +47,6 @@ def staged_output(out: str | Path) -> Iterator[Path]:
             shutil.rmtree(out / file.name, ignore_errors=True)
         file.replace(out / file.name)
     staging.rmdir()
-
-
-def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
-    """Save the tokenizer of `source`, if it has one, into the model folder `dest` with stock GPT-2's settings and
-    `model_max_length` = the context in `dest`'s config.json (and, for GPT-2's pipeline, vocab.json + merges.txt),
-    so the converted folder works with AutoTokenizer and with the tools that read GPT-2 folders."""
-    from transformers import AutoTokenizer, GPT2Tokenizer
-
-    from .tokenizer import load_gpt2_tokenizer, with_stock_settings
-
-    source, dest = Path(source), Path(dest)
-    if not any((source / name).is_file() for name in TOKENIZER_FILES):
-        return []
-    config = json.loads((dest / "config.json").read_text())
-    context = config.get("n_positions") or config["context_length"]
-    # Without tokenizer.json: GPT-2's BPE files, in transformers' or OpenAI's format.
-    tokenizer = AutoTokenizer.from_pretrained(source) if (source / "tokenizer.json").is_file() \
-        else load_gpt2_tokenizer(source)
-    stock = with_stock_settings(tokenizer, context)
-    written = [Path(f).name for f in stock.save_pretrained(dest)]
-    if isinstance(stock, GPT2Tokenizer):  # GPT-2's own two files too, as stock GPT-2 folders have them
-        written += [Path(f).name for f in stock.backend_tokenizer.model.save(str(dest))]
-    return written
 
 
 @contextlib.contextmanager

@@ -28,9 +28,13 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .files import replace_dir_atomically
+from .sources import fetch
 
 ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")  # any one of them makes a tokenizer folder
 BYTE_ALPHABET_SIZE = 256
 VERY_LARGE = int(1e30)  # transformers' "no limit" for model_max_length
 
@@ -200,8 +204,6 @@ def load_gpt2_tokenizer(folder: str | Path | None = None, model_max_length: int 
     """OpenAI's GPT-2 BPE from a folder holding `vocab.json` + `merges.txt` (transformers' format) or
     `encoder.json` + `vocab.bpe` (OpenAI's release); with no folder, from the pinned `gpt2_bpe` data source."""
     if folder is None:
-        from .sources import fetch
-
         folder = fetch("gpt2_bpe")
     folder = Path(folder)
     for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
@@ -245,8 +247,6 @@ def train_and_report(
     split_digits: bool = False,
 ) -> TokenizerReport:
     """Train, save to `out` (complete or not at all), and measure bytes per token on the validation texts."""
-    from .files import replace_dir_atomically
-
     start = time.perf_counter()
     tokenizer = train_tokenizer(train, vocab_size, min_frequency, isolate_spaces=isolate_spaces,
                                 split_digits=split_digits)
@@ -255,3 +255,22 @@ def train_and_report(
     with replace_dir_atomically(out) as tmp:
         tokenizer.save_pretrained(tmp)
     return report
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
+    """Save the tokenizer of `source`, if it has one, into the model folder `dest` with stock GPT-2's settings and
+    `model_max_length` = the context in `dest`'s config.json (and, for GPT-2's pipeline, vocab.json + merges.txt),
+    so the converted folder works with AutoTokenizer and with the tools that read GPT-2 folders."""
+    source, dest = Path(source), Path(dest)
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        return []
+    config = json.loads((dest / "config.json").read_text())
+    context = config.get("n_positions") or config["context_length"]
+    # Without tokenizer.json: GPT-2's BPE files, in transformers' or OpenAI's format.
+    tokenizer = AutoTokenizer.from_pretrained(source) if (source / "tokenizer.json").is_file() \
+        else load_gpt2_tokenizer(source)
+    stock = with_stock_settings(tokenizer, context)
+    written = [Path(f).name for f in stock.save_pretrained(dest)]
+    if isinstance(stock, GPT2Tokenizer):  # GPT-2's own two files too, as stock GPT-2 folders have them
+        written += [Path(f).name for f in stock.backend_tokenizer.model.save(str(dest))]
+    return written

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import tarfile
+from pathlib import Path
 
 import torch
 from conftest import assert_ok, run_without_package, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from gpt2_scratch import (
     GPT2ScratchConfig,
@@ -39,7 +42,9 @@ def test_save_pretrained_writes_safetensors_code_and_auto_map(tmp_path):
     model = GPT2ScratchForCausalLM(tiny_config())
     model.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py"} <= names
+    code = {"configuration_gpt2_scratch.py", "modeling_gpt2_scratch.py", "decoding_gpt2_scratch.py",
+            "stock_gpt2_scratch.py"}  # the modeling file and the siblings it imports, all the code the folder needs
+    assert {"config.json", "model.safetensors", *code} <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
@@ -118,3 +123,22 @@ def test_causal_lm_checkpoint_starts_a_classifier(tmp_path):
     clf = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
     assert type(clf) is GPT2ScratchForSequenceClassification
     assert torch.equal(clf.transformer.tok_emb.weight, lm.transformer.tok_emb.weight)
+
+
+def test_a_folder_saved_by_release_0_1_loads_with_this_package(tmp_path):
+    """Release 0.1.0 saved one modeling file of 1,208 lines; this package splits it in three. Its folders still load,
+    through this package's classes and through their own copy of the code, with the logits and tokens it recorded."""
+    with tarfile.open(Path(__file__).parent / "data" / "gpt2-scratch-0.1.0-causal-lm.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    folder = tmp_path / "gpt2-scratch-0.1.0-causal-lm"
+    assert not (folder / "decoding_gpt2_scratch.py").exists()
+    expected = torch.load(folder / "expected.pt")
+    ours = GPT2ScratchForCausalLM.from_pretrained(folder).eval()
+    own_code = get_class_from_dynamic_module("modeling_gpt2_scratch.GPT2ScratchForCausalLM", folder)
+    theirs = own_code.from_pretrained(folder).eval()
+    assert own_code is not GPT2ScratchForCausalLM
+    for model in (ours, theirs):
+        with torch.no_grad():
+            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=1e-6, rtol=0)
+            generated = model.generate(expected["ids"], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert torch.equal(generated, expected["generated"])
