@@ -5,6 +5,8 @@ test_pretrain.py; here the pieces, in-process, and hypothesis over config values
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import io
 import json
 import math
@@ -31,6 +33,7 @@ from gpt2_scratch.checkpoints import (
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    write_manifest,
 )
 from gpt2_scratch.cli import count_parameters
 from gpt2_scratch.memory import available_memory, parameter_count, training_memory
@@ -41,6 +44,7 @@ from gpt2_scratch.training import (
     ProgressBar,
     StopSignals,
     check_memory,
+    check_numeric_arguments,
     check_training_arguments,
     run_script,
 )
@@ -127,6 +131,66 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoints):
     with pytest.raises(CheckpointError, match="does not fit this run's model or optimizer") as error:
         load_checkpoint(accelerator, checkpoints / "checkpoint-4")
     assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_resumes_its_weights_and_progress_and_names_the_intact_ones(checkpoints):
+    accelerator = prepared(tiny_config())
+    model = accelerator._models[0]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    assert load_checkpoint(accelerator, checkpoints / "checkpoint-4") == {"step": 4}
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-2")) == (checkpoints / "checkpoint-2", [])
+    assert resolve_checkpoint(checkpoints, "latest") == (checkpoints / "checkpoint-4", [])
+    assert checkpoint_problem(checkpoints / "checkpoint-9") == "no such folder"
+    for step in (2, 4):
+        (checkpoints / f"checkpoint-{step}" / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError) as error:
+        resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-4"))
+    assert str(error.value).endswith("(its save was interrupted, or it was not written by this version); no intact "
+                                     "checkpoint beside it")
+    with pytest.raises(CheckpointError) as error:
+        resolve_checkpoint(checkpoints / "empty", "latest")
+    assert str(error.value) == f"--resume_from_checkpoint latest: no intact checkpoint in {checkpoints / 'empty'}"
+
+
+def test_the_manifest_lists_nested_files_and_must_list_progress(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "part.bin").write_bytes(b"abc")
+    (tmp_path / "progress.json").write_text("{}")
+    write_manifest(tmp_path)
+    write_manifest(tmp_path)  # written again: the manifest never lists itself
+    listed = json.loads((tmp_path / MANIFEST_FILE).read_text())["files"]
+    assert listed == {"progress.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+                      "sub/part.bin": {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}}
+    assert checkpoint_problem(tmp_path) is None
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"files": {"sub/part.bin": listed["sub/part.bin"]}}))
+    assert checkpoint_problem(tmp_path) == "its manifest does not list progress.json"
+    (tmp_path / MANIFEST_FILE).write_text("[1, 2]")
+    assert checkpoint_problem(tmp_path) == "manifest.json is unreadable"
+
+
+@pytest.mark.parametrize("intact", [True, False])
+def test_a_failed_save_removes_its_partial_folder_and_says_what_is_intact(checkpoints, intact, monkeypatch):
+    """The in-process twin of the file-size-limit test below: the disk fills while accelerate writes the state."""
+    if not intact:
+        for step in (2, 4):
+            truncate(checkpoints / f"checkpoint-{step}" / "model.safetensors")
+    accelerator = prepared(tiny_config())
+
+    def disk_full(folder: str) -> None:
+        Path(folder).mkdir()
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", disk_full)
+    with pytest.raises(CheckpointError) as error:
+        save_checkpoint(accelerator, checkpoints, 6, {"step": 6})
+    assert str(error.value) == (f"writing {checkpoints / 'checkpoint-6'} failed (No space left on device); "
+                                + ("checkpoint-4 is intact and resumable" if intact else "no checkpoint is intact"))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_resumable(checkpoints):
@@ -334,6 +398,48 @@ def test_limits_describe_themselves():
     assert Limits(1).describe() == "at least 1"
     assert Limits(0, 1, high_open=True).describe() == "at least 0 and less than 1"
     assert Limits(0, low_open=True).describe() == "greater than 0"
+    assert Limits(1, 1600).describe() == "at least 1 and at most 1,600"
+
+
+def test_limits_accept_exactly_their_range():
+    closed, open_ends = Limits(1, 100), Limits(0, 1, low_open=True, high_open=True)
+    assert [closed.accepts(v) for v in (0.999, 1, 50, 100, 100.001)] == [False, True, True, True, False]
+    assert [open_ends.accepts(v) for v in (0, 1e-9, 0.5, 0.999, 1)] == [False, True, True, True, False]
+    assert Limits(0).accepts(0) and Limits(0).accepts(1e300) and not Limits(0).accepts(-1e-9)
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("pretrain", ["--learning_rate", "0"], "--learning_rate must be greater than 0, got 0"),
+    ("pretrain", ["--learning_rate", "-0.5"], "--learning_rate must be greater than 0, got -0.5"),
+    ("pretrain", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    ("pretrain", ["--seed", "4294967296"], "--seed must be at least 0 and at most 4,294,967,295, got 4294967296"),
+    ("pretrain", ["--drop_rate", "1"], "--drop_rate must be at least 0 and less than 1, got 1"),
+    ("instruction", ["--lora_r", "1601"], "--lora_r must be at least 1 and at most 1,600, got 1601"),
+    ("pretrain", ["--max_steps", "0"], "nothing to train: give --max_steps > 0 or --num_train_epochs > 0"),
+    ("pretrain", ["--num_train_epochs", "0"], "nothing to train: give --max_steps > 0 or --num_train_epochs > 0"),
+    ("pretrain", ["--schedule_on_clock"],
+     "--schedule_on_clock needs --max_train_minutes: the budget the cosine decay ends at"),
+    ("pretrain", ["--push_to_hub"], "--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-scratch-shakespeare)"),
+    ("pretrain", ["--max_steps", "1"], None),
+    ("pretrain", ["--max_steps", "-1", "--num_train_epochs", "0.5"], None),
+    ("pretrain", ["--max_steps", "5", "--num_train_epochs", "0"], None),
+    ("pretrain", ["--schedule_on_clock", "--max_train_minutes", "0.5"], None),
+    ("pretrain", ["--push_to_hub", "--hub_model_id", "someone/model"], None),
+    ("pretrain", ["--learning_rate", "1e-9", "--drop_rate", "0", "--seed", "4294967295"], None),
+])
+def test_argument_checks_refuse_exactly_what_is_out_of_range(script, argv, message):
+    assert validate(script, argv) == ((2, f"error: {message}\n") if message else (0, ""))
+
+
+def test_a_number_without_declared_limits_must_be_finite_and_not_negative():
+    check_training_arguments(training_args(max_steps=3))
+    check_numeric_arguments(argparse.Namespace(undeclared=0, flag=True, name="x"))
+    with pytest.raises(ValueError, match=r"^--undeclared must be at least 0, got -1$"):
+        check_numeric_arguments(argparse.Namespace(undeclared=-1))
+    with pytest.raises(ValueError, match=r"^--undeclared must be at least 0, got -0\.25$"):
+        check_numeric_arguments(argparse.Namespace(undeclared=-0.25))
+    with pytest.raises(ValueError, match=r"^--undeclared must be a finite number, got inf$"):
+        check_numeric_arguments(argparse.Namespace(undeclared=math.inf))
 
 
 FIELD_VALUES = st.one_of(
