@@ -321,15 +321,21 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints(full_run, monkeypatc
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def create_commit(self, repo_id, operations, **kwargs):
-        uploaded["files"] = sorted(op.path_in_repo for op in operations)
-        uploaded["card"] = next(Path(op.path_or_fileobj).read_text() for op in operations
-                                if op.path_in_repo == "README.md")
+        uploaded["commit_repo"] = repo_id
+        # what huggingface_hub would send: each operation's bytes, read through the operation itself
+        uploaded["bytes"] = {}
+        for op in operations:
+            with op.as_file() as handle:
+                uploaded["bytes"][op.path_in_repo] = handle.read()
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    assert push_folder(full_run, "someone/gpt2-scratch-test") == "https://huggingface.co/someone/gpt2-scratch-test"
-    files = uploaded["files"]
-    assert uploaded["repo"] == "someone/gpt2-scratch-test"
+    push_folder(full_run, "someone/gpt2-scratch-test")
+    assert uploaded["repo"] == uploaded["commit_repo"] == "someone/gpt2-scratch-test"
+    files = sorted(uploaded["bytes"])
+    uploaded["card"] = uploaded["bytes"]["README.md"].decode()
+    for name, data in uploaded["bytes"].items():  # every file whole, as it is in the folder
+        assert data == (full_run / name).read_bytes(), name
     assert {"README.md", "config.json", "model.safetensors", "modeling_gpt2_scratch.py",
             "configuration_gpt2_scratch.py", "tokenizer.json", "loss_curve.png", "metrics.json"} <= set(files)
     assert any(f.startswith("runs/") for f in files)
