@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from conftest import TEXT, assert_clear_failure, run_training_script, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import SafetensorError
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, classification, instruction, pretraining
 from gpt2_scratch.checkpoints import (
@@ -145,6 +146,9 @@ def test_a_checkpoint_resumes_its_weights_and_progress_and_names_the_intact_ones
     assert resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-2")) == (checkpoints / "checkpoint-2", [])
     assert resolve_checkpoint(checkpoints, "latest") == (checkpoints / "checkpoint-4", [])
     assert checkpoint_problem(checkpoints / "checkpoint-9") == "no such folder"
+    with pytest.raises(CheckpointError, match=r"checkpoint-9: no such folder; intact beside it: checkpoint-4, "
+                                              r"checkpoint-2$"):
+        resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-9"))
     for step in (2, 4):
         (checkpoints / f"checkpoint-{step}" / MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError) as error:
@@ -172,8 +176,14 @@ def test_the_manifest_lists_nested_files_and_must_list_progress(tmp_path):
     assert checkpoint_problem(tmp_path) == "manifest.json is unreadable"
 
 
-@pytest.mark.parametrize("intact", [True, False])
-def test_a_failed_save_removes_its_partial_folder_and_says_what_is_intact(checkpoints, intact, monkeypatch):
+@pytest.mark.parametrize(("intact", "written", "error", "reason"), [
+    (True, True, OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (False, True, OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (True, False, OSError(errno.EDQUOT, "Disk quota exceeded"), "Disk quota exceeded"),  # before any folder
+    (True, True, SafetensorError("Error while serializing: I/O error"), "Error while serializing: I/O error"),
+])
+def test_a_failed_save_removes_its_partial_folder_and_says_what_is_intact(checkpoints, intact, written, error,
+                                                                          reason, monkeypatch):
     """The in-process twin of the file-size-limit test below: the disk fills while accelerate writes the state."""
     if not intact:
         for step in (2, 4):
@@ -181,16 +191,43 @@ def test_a_failed_save_removes_its_partial_folder_and_says_what_is_intact(checkp
     accelerator = prepared(tiny_config())
 
     def disk_full(folder: str) -> None:
-        Path(folder).mkdir()
-        (Path(folder) / "model.safetensors").write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if written:
+            Path(folder).mkdir()
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise error
 
     monkeypatch.setattr(accelerator, "save_state", disk_full)
-    with pytest.raises(CheckpointError) as error:
+    with pytest.raises(CheckpointError) as raised:
         save_checkpoint(accelerator, checkpoints, 6, {"step": 6})
-    assert str(error.value) == (f"writing {checkpoints / 'checkpoint-6'} failed (No space left on device); "
-                                + ("checkpoint-4 is intact and resumable" if intact else "no checkpoint is intact"))
+    assert str(raised.value) == (f"writing {checkpoints / 'checkpoint-6'} failed ({reason}); "
+                                 + ("checkpoint-4 is intact and resumable" if intact else "no checkpoint is intact"))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_save_replaces_a_killed_saves_leftovers_and_a_checkpoint_of_the_same_step(checkpoints):
+    (checkpoints / ".checkpoint-6.partial").mkdir()
+    (checkpoints / ".checkpoint-6.partial" / "stale.bin").write_bytes(b"from a killed save")
+    accelerator = prepared(tiny_config())
+    for _ in range(2):  # the second save of step 6 replaces the first
+        assert save_checkpoint(accelerator, checkpoints, 6, {"step": 6}) == checkpoints / "checkpoint-6"
+    assert not (checkpoints / "checkpoint-6" / "stale.bin").exists() and checkpoint_problem(
+        checkpoints / "checkpoint-6") is None
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.parametrize(("error", "detail"), [(RuntimeError("size mismatch for wte\n\tshape [8] vs [9]"),
+                                                 "size mismatch for wte"), (KeyError(), "KeyError")])
+def test_a_checkpoint_that_does_not_load_names_the_first_line_of_why(checkpoints, error, detail, monkeypatch):
+    accelerator = prepared(tiny_config())
+
+    def refuse(folder: str) -> None:
+        raise error
+
+    monkeypatch.setattr(accelerator, "load_state", refuse)
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(accelerator, checkpoints / "checkpoint-4")
+    assert str(raised.value) == (f"--resume_from_checkpoint {checkpoints / 'checkpoint-4'}: it does not fit this run's "
+                                 f"model or optimizer (resume with the arguments it was trained with): {detail}")
 
 
 def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_resumable(checkpoints):
