@@ -230,6 +230,7 @@ def test_ctrl_c_stops_every_process_at_the_same_step(corpus, tmp_path):
             break
     os.killpg(process.pid, signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGINT, (process.returncode, stderr)  # as Ctrl-C leaves a shell
     last = latest_checkpoint(out)
     assert last is not None and {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last.iterdir()}
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped by SIGINT")]
