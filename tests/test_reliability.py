@@ -210,8 +210,8 @@ def test_a_save_replaces_a_killed_saves_leftovers_and_a_checkpoint_of_the_same_s
     accelerator = prepared(tiny_config())
     for _ in range(2):  # the second save of step 6 replaces the first
         assert save_checkpoint(accelerator, checkpoints, 6, {"step": 6}) == checkpoints / "checkpoint-6"
-    assert not (checkpoints / "checkpoint-6" / "stale.bin").exists() and checkpoint_problem(
-        checkpoints / "checkpoint-6") is None
+        assert not (checkpoints / "checkpoint-6" / "stale.bin").exists() and checkpoint_problem(
+            checkpoints / "checkpoint-6") is None
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
 
