@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is installed first: a bare `torch` requirement could otherwise pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo lint bench clean chromium
+.PHONY: test demo lint bench mutation clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,17 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check gpt2_scratch tests benchmarks training space
 
+# Mutation testing (docs/testing.md), not part of `make test`: the functions below, each mutant against the tests that
+# call it ([tool.mutmut] in pyproject.toml). Results stay in mutants/ (`.venv/bin/mutmut results`, `mutmut show NAME`).
+MUTANTS := 'gpt2_scratch.bpe.*' 'gpt2_scratch.metrics.*' 'gpt2_scratch.checkpoints.*' \
+	'gpt2_scratch.training.xǁLimitsǁ*' 'gpt2_scratch.training.x_check_numeric_arguments*' \
+	'gpt2_scratch.training.x_check_training_arguments*' 'gpt2_scratch.modeling_gpt2_scratch.*'
+
+mutation: $(VENV)/.installed
+	$(PY) -m mutmut run --max-children 2 $(MUTANTS)
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_model.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -278,6 +279,7 @@ class DecodeLayout:
     one_row_kernels: dict[tuple, dict[tuple, str]] = {}
     one_row_kinds = {torch.float32: ("vector", "linear", "transposed"), torch.bfloat16: ("linear", "prepacked")}
     copy_margin = 1.1  # a kernel that needs more memory (a transposed or prepacked copy) must be this much faster
+    clock: Callable[[], float] = staticmethod(time.perf_counter)  # what the kernel choice times with (tests replace it)
 
     @classmethod
     def one_row_candidates(cls, dtype: torch.dtype) -> tuple[str, ...]:
@@ -313,9 +315,9 @@ class DecodeLayout:
             for turn in range(4):  # taking turns; the first round only warms each kernel up
                 for kind, matmuls in candidates.items():
                     for matmul, x, shape in zip(matmuls, rows, shapes):
-                        start = time.perf_counter()
+                        start = cls.clock()
                         matmul(x)
-                        seconds[kind, shape][turn] += time.perf_counter() - start
+                        seconds[kind, shape][turn] += cls.clock() - start
         chosen = {}
         for shape in dict.fromkeys(shapes):
             nbytes = {kind: sum(m.nbytes for m, s in zip(candidates[kind], shapes) if s == shape) for kind in kinds}

@@ -90,6 +90,9 @@ def read_number(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max" (no limit) reads as None
 
 
+CGROUP = Path("/sys/fs/cgroup")  # where this process's cgroup (v2) or its memory controller (v1) shows its limit
+
+
 def available_memory(device: torch.device) -> tuple[int, str] | None:
     """Bytes this process may still allocate on `device`, and where that number comes from; None where unknown.
     On the CPU: the least of the system's available memory and what the cgroup (a container's limit) leaves."""
@@ -99,10 +102,9 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
     if device.type != "cpu":
         return None
     found = [(psutil.virtual_memory().available, "available to the system")]
-    cgroup = Path("/sys/fs/cgroup")
     for limit, usage in (("memory.max", "memory.current"),  # cgroup v2
                          ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # cgroup v1
-        limit_bytes, used = read_number(cgroup / limit), read_number(cgroup / usage)
+        limit_bytes, used = read_number(CGROUP / limit), read_number(CGROUP / usage)
         if limit_bytes is not None and used is not None and limit_bytes < 2 ** 60:  # v1 writes "no limit" as ~2^63
             found.append((max(limit_bytes - used, 0), f"left under the cgroup's {limit}"))
     return min(found)

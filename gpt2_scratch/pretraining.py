@@ -349,11 +349,13 @@ TASKS_BASE = Recipe(dict(emb_dim=128, n_heads=4, n_layers=4, context_length=128)
 
 
 def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, dataset: str = "shakespeare",
-                     evaluations: int = 0) -> list[str]:
+                     evaluations: int = 0, step_time: Callable[[GPT2ScratchConfig, argparse.Namespace], float] | None
+                     = None) -> list[str]:
     """training/pretrain.py arguments for a recipe: `minutes` of training whose cosine decay follows the clock (a
     step count fitted beforehand missed by up to 28% on these shared machines: runs cut before the decay's end, or
     ending early), warmup over the first ~5% of the steps timed here, and `evaluations` validation passes evenly
-    spaced over those steps besides the final one (each costs training time: the clock runs through them)."""
+    spaced over those steps besides the final one (each costs training time: the clock runs through them).
+    `step_time(config, args)` gives the seconds per step (default `step_seconds`, timing real steps)."""
     args = ["--dataset_name", dataset, "--tokenizer", str(tokenizer_dir), "--preset", "cpu-10m",
             "--per_device_train_batch_size", str(recipe.batch_size), "--learning_rate", str(recipe.learning_rate),
             "--optimizer", recipe.optimizer, "--weight_decay", "0.1", "--drop_rate", "0.0",
@@ -368,7 +370,8 @@ def recipe_arguments(recipe: Recipe, minutes: float, tokenizer_dir: Path, datase
     # bf16 autocast is ~1.3-1.7x faster per step on a CPU with AVX512-BF16 or AMX, ~4x slower on one with AVX2 only:
     # time both here rather than guess from the CPU's name.
     precisions = ["no", "bf16"] if recipe.mixed_precision == "fastest" else [recipe.mixed_precision]
-    timed = {p: step_seconds(config, argparse.Namespace(**{**vars(parsed), "mixed_precision": p})) for p in precisions}
+    step_time = step_time or step_seconds
+    timed = {p: step_time(config, argparse.Namespace(**{**vars(parsed), "mixed_precision": p})) for p in precisions}
     precision = min(timed, key=timed.get)
     print("timed steps: " + ", ".join(f"{p} {seconds * 1000:.0f} ms" for p, seconds in timed.items())
           + f"; training in {precision}", flush=True)

@@ -486,15 +486,18 @@ class StopSignals:
 class Clock:
     """Training time so far, counted across resumes and the same on every process (the slowest clock decides, so all
     stop together), read once per optimizer step in one collective that also tells every process whether any of them
-    received a stop signal: they all stop at the same step."""
+    received a stop signal: they all stop at the same step. `now` is the time source (tests replace it with a clock
+    that advances by a fixed step per read, so what depends on time is tested without timing)."""
+
+    now: Callable[[], float] = staticmethod(time.monotonic)
 
     def __init__(self, accelerator: Accelerator, seconds_so_far: float) -> None:
         self.accelerator = accelerator
-        self.origin = time.monotonic() - seconds_so_far
+        self.origin = self.now() - seconds_so_far
 
     def read(self, signal_number: int) -> tuple[float, int]:
         """(training seconds, the stop signal some process received or 0)."""
-        mine = torch.tensor([time.monotonic() - self.origin, signal_number], dtype=torch.float64,
+        mine = torch.tensor([self.now() - self.origin, signal_number], dtype=torch.float64,
                             device=self.accelerator.device)
         seconds, number = self.accelerator.gather(mine).view(-1, 2).max(dim=0).values.tolist()
         return seconds, int(number)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 
@@ -189,6 +190,15 @@ def training_script(script: str, args: list[str], launcher: list[str] | None = N
     if launcher or popen:
         return run_training_script(script, args, launcher, cache, **popen)
     return run_script_here(script, args, cache)
+
+
+def steady_clock(monkeypatch: pytest.MonkeyPatch, seconds_per_read: float) -> None:
+    """The training loop's clock (`Clock.now`) advances `seconds_per_read` at each read: once when a loop starts and
+    once per optimizer step, so a time budget of N seconds holds about N / seconds_per_read steps on any machine."""
+    from gpt2_scratch.training import Clock
+
+    ticks = itertools.count()
+    monkeypatch.setattr(Clock, "now", staticmethod(lambda: next(ticks) * seconds_per_read))
 
 
 def assert_clear_failure(result: subprocess.CompletedProcess, message: str, out: Path) -> None:

@@ -20,6 +20,7 @@ from conftest import (
     training_script,
 )
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from gpt2_scratch.classification import (
     build_parser,
@@ -30,6 +31,7 @@ from gpt2_scratch.classification import (
     run,
 )
 from gpt2_scratch.metrics import load_metric
+from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForSequenceClassification
 
 GOOD = ["good", "great", "fine", "lovely", "superb"]
 BAD = ["bad", "awful", "dull", "poor", "boring"]
@@ -99,14 +101,26 @@ def test_each_strategy_trains_exactly_its_layers(base, labelled, tmp_path, strat
     assert "test split" in (tmp_path / "README.md").read_text()
 
 
-def test_best_validation_weights_are_the_ones_saved(base, labelled, tmp_path):
-    result = finetune(base, labelled, tmp_path, "--num_train_epochs", "3", "--train_layers", "all",
+def test_best_validation_weights_are_the_ones_saved_and_beat_the_majority_class(base, tmp_path):
+    """15% of the training labels flipped, clean validation and test rows: the model learns the words first, then
+    memorises the flipped rows, and its validation loss rises again after its best epoch. The saved model reproduces
+    the best epoch's validation loss, not the last one's, and classifies the held-back test rows far better than
+    the majority class."""
+    rng = random.Random(4)
+    train = [{**row, "sentiment": {"pos": "neg", "neg": "pos"}[row["sentiment"]]} if rng.random() < 0.15 else row
+             for row in reviews(96, seed=1)]
+    data = {name: write_csv(tmp_path / f"{name}.csv", rows)
+            for name, rows in (("train", train), ("validation", reviews(16, seed=2)), ("test", reviews(16, seed=3)))}
+    result = finetune(base, data["train"], tmp_path / "out", "--validation_file", str(data["validation"]),
+                      "--test_file", str(data["test"]), "--num_train_epochs", "5", "--train_layers", "all",
                       "--metric_for_best_model", "loss", "--learning_rate", "1e-2")
     assert_ok(result)
-    report = json.loads((tmp_path / "metrics.json").read_text())
+    out = tmp_path / "out"
+    report = json.loads((out / "metrics.json").read_text())
     losses = report["evaluations"]
-    assert len(losses) == 3  # one per epoch
-    best = min(losses, key=lambda h: h["eval/loss"])
+    assert len(losses) == 5  # one per epoch
+    best, last = min(losses, key=lambda h: h["eval/loss"]), losses[-1]
+    assert best["step"] < last["step"] and last["eval/loss"] > best["eval/loss"] + 1e-3, losses  # best is not last
     assert report["best_step"] == best["step"] and report["validation"]["loss"] == pytest.approx(best["eval/loss"])
     # The saved model reproduces the kept validation loss: it holds the best weights, not the last ones.
     from accelerate import Accelerator
@@ -114,17 +128,20 @@ def test_best_validation_weights_are_the_ones_saved(base, labelled, tmp_path):
 
     from gpt2_scratch.classification import tokenize_labelled
 
-    args = argparse.Namespace(dataset_name=None, dataset_config_name=None, train_file=[str(labelled)],
-                              validation_file=None, test_file=None, text_column="review", label_column="sentiment",
-                              seed=3)
+    args = argparse.Namespace(dataset_name=None, dataset_config_name=None, train_file=[str(data["train"])],
+                              validation_file=[str(data["validation"])], test_file=[str(data["test"])],
+                              text_column="review", label_column="sentiment", seed=3)
     splits, _ = prepare_labelled(load_splits(args), args)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    data = tokenize_labelled(splits, tokenizer, model.config.context_length, Accelerator(cpu=True))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenized = tokenize_labelled(splits, tokenizer, model.config.context_length, Accelerator(cpu=True))
     with torch.no_grad():
-        metrics = classification_metrics(*predict(model, data["validation"], DataCollatorWithPadding(tokenizer), 16,
-                                                  Accelerator(cpu=True)), "eval")
+        metrics = classification_metrics(*predict(model, tokenized["validation"], DataCollatorWithPadding(tokenizer),
+                                                  16, Accelerator(cpu=True)), "eval")
     assert metrics["eval/loss"] == pytest.approx(best["eval/loss"], abs=1e-5)
+    # Learning: the held-back test rows (8 of each class) are classified far above the majority class's 50%.
+    majority = max(splits["test"]["label"].count(label) for label in (0, 1)) / len(splits["test"])
+    assert majority == 0.5 and report["test"]["accuracy"] >= majority + 0.3, report["test"]
 
 
 def test_two_processes_with_accelerate_launch(base, labelled, tmp_path):
@@ -136,22 +153,33 @@ def test_two_processes_with_accelerate_launch(base, labelled, tmp_path):
     assert (tmp_path / "checkpoint-4" / "random_states_1.pkl").is_file()
 
 
+TEXTS = ["the play was good", "the play was dull and the actors were poor"]
+
+
 def test_classifier_loads_in_a_fresh_process_with_pipeline(base, labelled, tmp_path):
     assert_ok(finetune(base, labelled, tmp_path, "--max_steps", "4"))
     result = run_without_package(
         f"""
+        import json
         from transformers import AutoModelForSequenceClassification, pipeline
         model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
         assert model.config.id2label == {{0: "neg", 1: "pos"}}, model.config.id2label
-        classify = pipeline("text-classification", model={str(tmp_path)!r}, trust_remote_code=True)
-        out = classify(["the play was good", "the play was dull and the actors were poor"])
-        assert [o["label"] in ("neg", "pos") for o in out] == [True, True], out
-        print("ok")
+        classify = pipeline("text-classification", model={str(tmp_path)!r}, trust_remote_code=True, top_k=None)
+        print("SCORES=" + json.dumps(classify({TEXTS!r})))
         """,
         cwd=tmp_path,
     )
     assert_ok(result)
-    assert "ok" in result.stdout
+    fresh = json.loads(result.stdout.split("SCORES=", 1)[1])
+    # the same scores as the model in this process, for both labels of each text
+    model = GPT2ScratchForSequenceClassification.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        for text, scores in zip(TEXTS, fresh):
+            probabilities = model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0]
+            assert {s["label"]: s["score"] for s in scores} == {
+                "neg": pytest.approx(probabilities[0].item(), abs=1e-6),
+                "pos": pytest.approx(probabilities[1].item(), abs=1e-6)}, (text, scores)
 
 
 def test_integer_labels_three_classes_and_given_splits(base, tmp_path):

@@ -6,7 +6,6 @@ import copy
 import pickle
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import pytest
@@ -140,6 +139,19 @@ def randomize_biases(model: GPT2ScratchForCausalLM) -> None:
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+
+
+def randomised(model: GPT2ScratchForCausalLM) -> GPT2ScratchForCausalLM:
+    """Every tensor drawn with a real spread: at GPT-2's init the logits span ~0.14, where a block's attention left
+    out changes them by less than a bf16 tolerance."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.normal_(1.0 if name.endswith("scale") else 0.0, 0.2, generator=generator)
+            else:
+                param.normal_(0.0, 0.15, generator=generator)
+    return model
 
 
 def graph_recorder() -> tuple[list, Callable]:
@@ -467,27 +479,27 @@ def one_row_kind_of_call(function, args) -> str:
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernel is one of the candidates")
 @pytest.mark.parametrize(("dtype", "fastest"), [(dtype, kind) for dtype, kinds in DecodeLayout.one_row_kinds.items()
                                                 for kind in kinds])
-def test_one_row_takes_the_kernel_measured_fastest(dtype, fastest, monkeypatch, request):
-    """Which one-row kernel is fastest depends on the CPU and the weight's shape, so the layout measures: with the
-    others held back by 10 ms a call, each kernel wins in turn, for every shape; the verdict is kept for the process
-    (a new layout does not measure again). bfloat16 chooses between BLAS and oneDNN's prepacked weights where the CPU
-    has bf16 instructions (elsewhere BLAS alone: `test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated`).
-    One thread: under make test's load, a 2-thread oneDNN call can wait a scheduler slice for its second thread."""
+def test_one_row_takes_the_kernel_measured_fastest(dtype, fastest, monkeypatch):
+    """Which one-row kernel is fastest depends on the CPU and the weight's shape, so the layout measures: on a clock
+    that charges the others 10 ms a call (`DecodeLayout.clock`: the choice's logic without real timing), each kernel
+    wins in turn, for every shape; the verdict is kept for the process (a new layout does not measure again).
+    bfloat16 chooses between BLAS and oneDNN's prepacked weights where the CPU has bf16 instructions (elsewhere BLAS
+    alone: `test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated`). How fast each kernel really is on this
+    CPU is benchmarks/bench_generate.py's to measure."""
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("no bf16 instructions: one bf16 row always goes through BLAS")
     monkeypatch.setattr(DecodeLayout, "one_row_kernels", {})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
-    calls = []
+    calls, charged = [], [0.0]
+    monkeypatch.setattr(DecodeLayout, "clock", staticmethod(lambda: charged[0]))
 
     def held_back(owner, name):
         kernel = getattr(owner, name)
 
         def slower_unless_fastest(*args):
+            charged[0] += 1e-6  # every call takes some time
             if one_row_kind_of_call(name, args) != fastest:
                 calls.append(1)
-                time.sleep(0.01)
+                charged[0] += 0.01
             return kernel(*args)
         monkeypatch.setattr(owner, name, slower_unless_fastest)
 
@@ -535,7 +547,7 @@ def test_decode_layout_in_bfloat16_gives_the_plain_logits():
     """bf16: fused query/key/value everywhere; for several rows oneDNN's prepacked bf16 linear where the CPU has bf16
     instructions, else its float32 one on widened weights (either may sum in another order: the logits agree to
     bf16's precision, not bit for bit)."""
-    model = tiny_model().to(torch.bfloat16)
+    model = randomised(tiny_model()).to(torch.bfloat16)
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)
@@ -550,7 +562,8 @@ def test_decode_layout_in_bfloat16_gives_the_plain_logits():
         assert all(matmul.weight.dtype == torch.float32 for matmul in layout.matmuls())
     model.fast_decoding = False
     plain = model.generate(ids, **kwargs).logits[0]
-    torch.testing.assert_close(fast, plain, atol=0.05, rtol=0.02)
+    assert plain.float().std() > 1.0  # logits of real spread: a block's attention left out moves them by several units
+    torch.testing.assert_close(fast.float(), plain.float(), atol=0.15, rtol=0)
 
 
 def test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated():
@@ -570,7 +583,7 @@ def test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated():
                 self.dtypes.append(args[1].dtype)
             return func(*args, **(kwargs or {}))
 
-    model = tiny_model().to(torch.bfloat16)
+    model = randomised(tiny_model()).to(torch.bfloat16)
     emulated = not (DecodeMatmul.onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     layout = model.decode_layout(1)
     kinds = {(matmul.kind, matmul.emulated_bf16) for matmul in layout.matmuls()}
@@ -587,7 +600,9 @@ def test_a_bf16_prompt_is_multiplied_widened_where_bf16_is_emulated():
     kwargs = dict(max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
     fast = model.generate(ids, **kwargs).logits[0]
     model.fast_decoding = False
-    torch.testing.assert_close(fast, model.generate(ids, **kwargs).logits[0], atol=0.05, rtol=0.02)
+    plain = model.generate(ids, **kwargs).logits[0]
+    assert plain.float().std() > 1.0
+    torch.testing.assert_close(fast.float(), plain.float(), atol=0.15, rtol=0)
 
 
 @pytest.mark.parametrize("search", SEARCHES)
@@ -691,7 +706,7 @@ def test_decode_layout_steps_aside_for_peft_and_gradients():
     assert out.shape == (3, 11)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine gpu_check.py measures instead")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 def test_gpu_check_refuses_in_one_line_without_cuda():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
                             text=True, timeout=300)

@@ -79,14 +79,30 @@ def test_sdpa_under_cpu_bf16_autocast_attends_in_float32():
     assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
 
 
+def randomised(model: GPT2ScratchForCausalLM, seed: int = 1) -> GPT2ScratchForCausalLM:
+    """Every tensor drawn with a real spread (GPT-2's init leaves biases at zero, norms at one and logits nearly flat,
+    where a block left out barely moves the loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.normal_(1.0 if name.endswith("scale") else 0.0, 0.2, generator=generator)
+            else:
+                param.normal_(0.0, 0.15, generator=generator)
+    return model
+
+
 def test_bf16_autocast_training_step_tracks_float32():
-    model = model_for("sdpa").train()
-    ids = torch.randint(0, 320, (2, 16))
-    full = model(ids, labels=ids).loss
+    """On randomised weights the bf16 loss is within 4e-4 of the float32 one (logits within 0.04 of a spread of
+    1.1); leaving the blocks out moves the loss by 0.36, so a bf16 path that lost them would fail."""
+    model = randomised(model_for("sdpa").train())
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    full = model(ids, labels=ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = model(ids, labels=ids).loss
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, full, atol=0.02, rtol=0)
+        mixed = model(ids, labels=ids)
+    assert mixed.loss.dtype == torch.float32 and mixed.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.loss, full.loss, atol=5e-3, rtol=0)
+    torch.testing.assert_close(mixed.logits.float(), full.logits, atol=0.1, rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -5,11 +5,12 @@ test_pretrain.py; here the pieces, in-process, and hypothesis over config values
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import io
 import json
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from accelerate import Accelerator
 from conftest import TEXT, assert_clear_failure, run_training_script, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import SafetensorError
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, classification, instruction, pretraining
 from gpt2_scratch.checkpoints import (
@@ -32,6 +34,7 @@ from gpt2_scratch.checkpoints import (
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    write_manifest,
 )
 from gpt2_scratch.cli import count_parameters
 from gpt2_scratch.memory import available_memory, parameter_count, training_memory
@@ -42,6 +45,7 @@ from gpt2_scratch.training import (
     ProgressBar,
     StopSignals,
     check_memory,
+    check_numeric_arguments,
     check_training_arguments,
     run_script,
 )
@@ -128,6 +132,102 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoints):
     with pytest.raises(CheckpointError, match="does not fit this run's model or optimizer") as error:
         load_checkpoint(accelerator, checkpoints / "checkpoint-4")
     assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_resumes_its_weights_and_progress_and_names_the_intact_ones(checkpoints):
+    accelerator = prepared(tiny_config())
+    model = accelerator._models[0]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    assert load_checkpoint(accelerator, checkpoints / "checkpoint-4") == {"step": 4}
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-2")) == (checkpoints / "checkpoint-2", [])
+    assert resolve_checkpoint(checkpoints, "latest") == (checkpoints / "checkpoint-4", [])
+    assert checkpoint_problem(checkpoints / "checkpoint-9") == "no such folder"
+    with pytest.raises(CheckpointError, match=r"checkpoint-9: no such folder; intact beside it: checkpoint-4, "
+                                              r"checkpoint-2$"):
+        resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-9"))
+    for step in (2, 4):
+        (checkpoints / f"checkpoint-{step}" / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError) as error:
+        resolve_checkpoint(checkpoints, str(checkpoints / "checkpoint-4"))
+    assert str(error.value).endswith("(its save was interrupted, or it was not written by this version); no intact "
+                                     "checkpoint beside it")
+    with pytest.raises(CheckpointError) as error:
+        resolve_checkpoint(checkpoints / "empty", "latest")
+    assert str(error.value) == f"--resume_from_checkpoint latest: no intact checkpoint in {checkpoints / 'empty'}"
+
+
+def test_the_manifest_lists_nested_files_and_must_list_progress(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "part.bin").write_bytes(b"abc")
+    (tmp_path / "progress.json").write_text("{}")
+    write_manifest(tmp_path)
+    write_manifest(tmp_path)  # written again: the manifest never lists itself
+    listed = json.loads((tmp_path / MANIFEST_FILE).read_text())["files"]
+    assert listed == {"progress.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+                      "sub/part.bin": {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}}
+    assert checkpoint_problem(tmp_path) is None
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"files": {"sub/part.bin": listed["sub/part.bin"]}}))
+    assert checkpoint_problem(tmp_path) == "its manifest does not list progress.json"
+    (tmp_path / MANIFEST_FILE).write_text("[1, 2]")
+    assert checkpoint_problem(tmp_path) == "manifest.json is unreadable"
+
+
+@pytest.mark.parametrize(("intact", "written", "error", "reason"), [
+    (True, True, OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (False, True, OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (True, False, OSError(errno.EDQUOT, "Disk quota exceeded"), "Disk quota exceeded"),  # before any folder
+    (True, True, SafetensorError("Error while serializing: I/O error"), "Error while serializing: I/O error"),
+])
+def test_a_failed_save_removes_its_partial_folder_and_says_what_is_intact(checkpoints, intact, written, error,
+                                                                          reason, monkeypatch):
+    """The in-process twin of the file-size-limit test below: the disk fills while accelerate writes the state."""
+    if not intact:
+        for step in (2, 4):
+            truncate(checkpoints / f"checkpoint-{step}" / "model.safetensors")
+    accelerator = prepared(tiny_config())
+
+    def disk_full(folder: str) -> None:
+        if written:
+            Path(folder).mkdir()
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(accelerator, "save_state", disk_full)
+    with pytest.raises(CheckpointError) as raised:
+        save_checkpoint(accelerator, checkpoints, 6, {"step": 6})
+    assert str(raised.value) == (f"writing {checkpoints / 'checkpoint-6'} failed ({reason}); "
+                                 + ("checkpoint-4 is intact and resumable" if intact else "no checkpoint is intact"))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_save_replaces_a_killed_saves_leftovers_and_a_checkpoint_of_the_same_step(checkpoints):
+    (checkpoints / ".checkpoint-6.partial").mkdir()
+    (checkpoints / ".checkpoint-6.partial" / "stale.bin").write_bytes(b"from a killed save")
+    accelerator = prepared(tiny_config())
+    for _ in range(2):  # the second save of step 6 replaces the first
+        assert save_checkpoint(accelerator, checkpoints, 6, {"step": 6}) == checkpoints / "checkpoint-6"
+        assert not (checkpoints / "checkpoint-6" / "stale.bin").exists() and checkpoint_problem(
+            checkpoints / "checkpoint-6") is None
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.parametrize(("error", "detail"), [(RuntimeError("size mismatch for wte\n\tshape [8] vs [9]"),
+                                                 "size mismatch for wte"), (KeyError(), "KeyError")])
+def test_a_checkpoint_that_does_not_load_names_the_first_line_of_why(checkpoints, error, detail, monkeypatch):
+    accelerator = prepared(tiny_config())
+
+    def refuse(folder: str) -> None:
+        raise error
+
+    monkeypatch.setattr(accelerator, "load_state", refuse)
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(accelerator, checkpoints / "checkpoint-4")
+    assert str(raised.value) == (f"--resume_from_checkpoint {checkpoints / 'checkpoint-4'}: it does not fit this run's "
+                                 f"model or optimizer (resume with the arguments it was trained with): {detail}")
 
 
 def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_resumable(checkpoints):
@@ -219,24 +319,57 @@ def test_the_estimate_counts_what_a_training_step_holds():
     assert training_memory(tiny_config(drop_rate=0.1), 4, device_type="cuda")["activations"] == parts["activations"]
 
 
-def test_available_memory_is_the_least_of_system_and_cgroup():
-    available, source = available_memory(torch.device("cpu"))
-    with open("/proc/meminfo") as meminfo:
-        system = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
-    assert 0 < available <= system * 1.1 and source
+def test_available_memory_is_the_least_of_system_and_cgroup(tmp_path, monkeypatch):
+    import psutil
+
+    from gpt2_scratch import memory
+
+    system = psutil.virtual_memory().available
+    monkeypatch.setattr(memory, "CGROUP", tmp_path)  # a cgroup folder of our own: none, v2, then v1
+    assert available_memory(torch.device("cpu")) == (pytest.approx(system, rel=0.1), "available to the system")
+    (tmp_path / "memory.max").write_text("max\n")  # v2 without a limit
+    (tmp_path / "memory.current").write_text(f"{2 ** 30}\n")
+    assert available_memory(torch.device("cpu"))[1] == "available to the system"
+    (tmp_path / "memory.max").write_text(f"{3 * 2 ** 30}\n")  # a 3 GiB container that uses 1 GiB: 2 GiB left
+    assert available_memory(torch.device("cpu")) == (2 * 2 ** 30, "left under the cgroup's memory.max")
+    (tmp_path / "memory.current").write_text(f"{4 * 2 ** 30}\n")  # over its limit (page cache): nothing left
+    assert available_memory(torch.device("cpu")) == (0, "left under the cgroup's memory.max")
+    (tmp_path / "memory.max").unlink()
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 ** 63 - 4096}\n")  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text(f"{2 ** 29}\n")
+    assert available_memory(torch.device("cpu"))[1] == "available to the system"
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 ** 30}\n")
+    assert available_memory(torch.device("cpu")) == (2 ** 29, "left under the cgroup's memory/memory.limit_in_bytes")
+    if system > 2 ** 40:  # a limit above what the system has left does not count
+        return
+    (v1 / "memory.limit_in_bytes").write_text(f"{system + 2 ** 40}\n")
+    assert available_memory(torch.device("cpu"))[1] == "available to the system"
 
 
 def test_settings_that_cannot_fit_end_to_end_are_refused_without_allocating(tmp_path):
+    """4,000 blocks of cpu-1m (447 M parameters, 1.7 GiB of float32 weights) with a 10,000-token context: refused
+    before anything is built. The script's own process reports its peak resident memory (VmHWM) as it exits: a
+    process that built the model would have held its weights (building it peaks at 2.27 GiB), while the script's
+    imports and tokenizer take well under 1 GiB."""
     corpus = tmp_path / "big.txt"
     corpus.write_text(TEXT * 40)  # enough tokens for one block of 10,000
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_file = tmp_path / "peak_kib"
+    report_peak = (f"import atexit, runpy, sys; atexit.register(lambda: open({str(peak_file)!r}, 'w').write("
+                   "next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     result = run_training_script("pretrain.py", [
         "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"), "--preset", "cpu-1m", "--tokenizer_vocab_size",
-        "300", "--context_length", "10000", "--n_layers", "4000", "--max_steps", "2"])
+        "300", "--context_length", "10000", "--n_layers", "4000", "--max_steps", "2"],
+        launcher=[sys.executable, "-c", report_peak])
     assert_clear_failure(result, "this run needs at least", tmp_path / "out")
     assert len(result.stderr.strip().splitlines()) == 1 and "GiB" in result.stderr
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert max(peak_kib, before) < 3 * 2 ** 20  # under 3 GiB: nothing of the model was built
+    weights_gib = parameter_count(GPT2ScratchConfig.from_preset("cpu-1m", vocab_size=300, context_length=10_000,
+                                                                n_layers=4000)) * 4 / 2 ** 30
+    assert weights_gib > 1.6
+    peak_gib = int(peak_file.read_text()) / 2 ** 20
+    assert peak_gib < 1.0, peak_gib  # nothing of the model was built
 
 
 # --- what a user types: every numeric argument of every script, and config values ---------------------------------
@@ -302,6 +435,48 @@ def test_limits_describe_themselves():
     assert Limits(1).describe() == "at least 1"
     assert Limits(0, 1, high_open=True).describe() == "at least 0 and less than 1"
     assert Limits(0, low_open=True).describe() == "greater than 0"
+    assert Limits(1, 1600).describe() == "at least 1 and at most 1,600"
+
+
+def test_limits_accept_exactly_their_range():
+    closed, open_ends = Limits(1, 100), Limits(0, 1, low_open=True, high_open=True)
+    assert [closed.accepts(v) for v in (0.999, 1, 50, 100, 100.001)] == [False, True, True, True, False]
+    assert [open_ends.accepts(v) for v in (0, 1e-9, 0.5, 0.999, 1)] == [False, True, True, True, False]
+    assert Limits(0).accepts(0) and Limits(0).accepts(1e300) and not Limits(0).accepts(-1e-9)
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("pretrain", ["--learning_rate", "0"], "--learning_rate must be greater than 0, got 0"),
+    ("pretrain", ["--learning_rate", "-0.5"], "--learning_rate must be greater than 0, got -0.5"),
+    ("pretrain", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    ("pretrain", ["--seed", "4294967296"], "--seed must be at least 0 and at most 4,294,967,295, got 4294967296"),
+    ("pretrain", ["--drop_rate", "1"], "--drop_rate must be at least 0 and less than 1, got 1"),
+    ("instruction", ["--lora_r", "1601"], "--lora_r must be at least 1 and at most 1,600, got 1601"),
+    ("pretrain", ["--max_steps", "0"], "nothing to train: give --max_steps > 0 or --num_train_epochs > 0"),
+    ("pretrain", ["--num_train_epochs", "0"], "nothing to train: give --max_steps > 0 or --num_train_epochs > 0"),
+    ("pretrain", ["--schedule_on_clock"],
+     "--schedule_on_clock needs --max_train_minutes: the budget the cosine decay ends at"),
+    ("pretrain", ["--push_to_hub"], "--push_to_hub needs --hub_model_id (e.g. your-name/gpt2-scratch-shakespeare)"),
+    ("pretrain", ["--max_steps", "1"], None),
+    ("pretrain", ["--max_steps", "-1", "--num_train_epochs", "0.5"], None),
+    ("pretrain", ["--max_steps", "5", "--num_train_epochs", "0"], None),
+    ("pretrain", ["--schedule_on_clock", "--max_train_minutes", "0.5"], None),
+    ("pretrain", ["--push_to_hub", "--hub_model_id", "someone/model"], None),
+    ("pretrain", ["--learning_rate", "1e-9", "--drop_rate", "0", "--seed", "4294967295"], None),
+])
+def test_argument_checks_refuse_exactly_what_is_out_of_range(script, argv, message):
+    assert validate(script, argv) == ((2, f"error: {message}\n") if message else (0, ""))
+
+
+def test_a_number_without_declared_limits_must_be_finite_and_not_negative():
+    check_training_arguments(training_args(max_steps=3))
+    check_numeric_arguments(argparse.Namespace(undeclared=0, flag=True, name="x"))
+    with pytest.raises(ValueError, match=r"^--undeclared must be at least 0, got -1$"):
+        check_numeric_arguments(argparse.Namespace(undeclared=-1))
+    with pytest.raises(ValueError, match=r"^--undeclared must be at least 0, got -0\.25$"):
+        check_numeric_arguments(argparse.Namespace(undeclared=-0.25))
+    with pytest.raises(ValueError, match=r"^--undeclared must be a finite number, got inf$"):
+        check_numeric_arguments(argparse.Namespace(undeclared=math.inf))
 
 
 FIELD_VALUES = st.one_of(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -112,6 +113,30 @@ def test_reference_bpe_learns_the_fast_trainers_merges(corpus, vocab_size, min_f
         assert reference.encode(text) == fast(text)["input_ids"]
 
 
+def fast_merges(texts: list[str], vocab_size: int, *min_frequency: int) -> list[tuple[str, str]]:
+    fast = train_tokenizer(texts, vocab_size, *min_frequency, show_progress=False)
+    return [tuple(m) for m in json.loads(fast.backend_tokenizer.to_str())["model"]["merges"]]
+
+
+def test_reference_bpe_defaults_floor_and_alphabet_are_the_fast_trainers():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode as transformers_bytes_to_unicode
+
+    assert bytes_to_unicode() == transformers_bytes_to_unicode()  # GPT-2's stand-ins for the 256 bytes
+    assert ReferenceBPE.train([CORPORA["ties"]], 1000).merges == fast_merges([CORPORA["ties"]], 1000)  # default 2
+    once = ["the quick brown fox jumps over a lazy dog"]  # every pair seen once: merged only at a floor of 1
+    assert ReferenceBPE.train(once, 1000, 1).merges == fast_merges(once, 1000, 1) != []
+    assert ReferenceBPE.train(once, 1000, 0).merges == fast_merges(once, 1000, 1)  # a count is at least 1
+    assert ReferenceBPE.train(once, 1000).merges == fast_merges(once, 1000) == []
+
+
+def test_reference_bpe_decodes_its_ids():
+    reference = ReferenceBPE.train([TEXT], 300)
+    text = "To be, or not<|endoftext|> to bé!\n 42<|endoftext|>"
+    assert reference.decode(reference.encode(text)) == text
+    assert reference.tokenize(text)[-1] == ENDOFTEXT and reference.vocab[ENDOFTEXT] == len(reference.vocab) - 1
+    assert reference.decode([reference.vocab["Ã"]]) == "\ufffd"  # half of "é" in UTF-8 is not a character
+
+
 def test_trained_tokenizer_layout_and_padding_policy():
     tokenizer = train_tokenizer([TEXT], 300, show_progress=False)
     assert len(tokenizer) == 300 and tokenizer.eos_token_id == 299 == tokenizer.pad_token_id
@@ -217,7 +242,7 @@ def test_saved_tokenizers_carry_stock_gpt2_settings(gpt2, tmp_path):
     stock = with_stock_settings(make_tokenizer(), 64)  # an older folder's tokenizer, re-saved: same ids
     assert (stock.unk_token, stock.model_max_length) == (ENDOFTEXT, 64)
     assert stock(VARIED)["input_ids"] == make_tokenizer()(VARIED)["input_ids"]
-    with pytest.raises(ValueError, match="the tokenizer has no <|endoftext|> token"):
+    with pytest.raises(ValueError, match=re.escape("the tokenizer has no <|endoftext|> token")):
         with_stock_settings(GPT2Tokenizer(vocab={"a": 0, "b": 1}, merges=[], unk_token="a", bos_token="a",
                                           eos_token="a"), 64)
 
