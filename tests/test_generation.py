@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_config
+from conftest import ROOT, randomised, tiny_config
 from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -139,19 +139,6 @@ def randomize_biases(model: GPT2ScratchForCausalLM) -> None:
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-
-
-def randomised(model: GPT2ScratchForCausalLM) -> GPT2ScratchForCausalLM:
-    """Every tensor drawn with a real spread: at GPT-2's init the logits span ~0.14, where a block's attention left
-    out changes them by less than a bf16 tolerance."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.normal_(1.0 if name.endswith("scale") else 0.0, 0.2, generator=generator)
-            else:
-                param.normal_(0.0, 0.15, generator=generator)
-    return model
 
 
 def graph_recorder() -> tuple[list, Callable]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import randomised, tiny_config
 
 from gpt2_scratch import GPT2ScratchForCausalLM, GPT2ScratchForSequenceClassification
 from gpt2_scratch.modeling_gpt2_scratch import GELU, LayerNorm
@@ -77,19 +77,6 @@ def test_sdpa_under_cpu_bf16_autocast_attends_in_float32():
     torch.testing.assert_close(context.float(), expected.bfloat16().float(), atol=0, rtol=0)
     context.float().sum().backward()
     assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
-
-
-def randomised(model: GPT2ScratchForCausalLM, seed: int = 1) -> GPT2ScratchForCausalLM:
-    """Every tensor drawn with a real spread (GPT-2's init leaves biases at zero, norms at one and logits nearly flat,
-    where a block left out barely moves the loss)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.normal_(1.0 if name.endswith("scale") else 0.0, 0.2, generator=generator)
-            else:
-                param.normal_(0.0, 0.15, generator=generator)
-    return model
 
 
 def test_bf16_autocast_training_step_tracks_float32():
