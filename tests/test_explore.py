@@ -8,9 +8,11 @@ import hashlib
 import json
 import re
 import runpy
+import select
 import shutil
 import socket
-import threading
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -225,24 +227,22 @@ def set_slider(page, elem_id: str, value: float) -> None:
 
 
 @pytest.fixture
-def served(trained, capsys):
-    """`gpt2-scratch explore --model <trained folder>` serving from a thread of this process (one import of gradio
-    for the page and the Space), and the URL it printed."""
-    import gradio
-
+def served(trained):
+    """`gpt2-scratch explore --model <trained folder>` as a user runs it, in a process of its own, and the URL it
+    printed; stopped (SIGTERM) afterwards."""
     port = free_port()
-    server = threading.Thread(target=cli, args=(["explore", "--model", str(trained), "--port", str(port)],),
-                              daemon=True)
-    server.start()
-    printed = ""
-    while server.is_alive() and "http://" not in printed:
-        printed += capsys.readouterr().out
-        time.sleep(0.2)
-    assert f"at http://127.0.0.1:{port}/" in printed, printed + capsys.readouterr().err
-    yield f"http://127.0.0.1:{port}/"
-    gradio.close_all()  # the CLI's wait for ^C ends when its app closes
-    server.join(timeout=30)
-    assert not server.is_alive()
+    server = subprocess.Popen([sys.executable, "-m", "gpt2_scratch.cli", "explore", "--model", str(trained), "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed, deadline = "", time.monotonic() + 180  # only against a hang: the page is up in seconds
+    while "http://" not in printed and server.poll() is None and time.monotonic() < deadline:
+        if select.select([server.stdout], [], [], 1.0)[0]:
+            printed += server.stdout.readline()
+    try:
+        assert f"at http://127.0.0.1:{port}/" in printed, printed
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_the_page_in_chromium_shows_the_models_numbers_and_the_run(served, trained, hub_id, tmp_path, monkeypatch):
