@@ -4,6 +4,7 @@ reloads in a fresh process, 2 processes, the chat CLI, bad input."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import (
     TWO_PROCESSES,
     assert_clear_failure,
     assert_ok,
+    reset_accelerate,
     run_without_package,
     training_script,
 )
@@ -165,6 +167,53 @@ def test_adapter_output_folder(tuned, base):
     report = json.loads((tuned / "metrics.json").read_text())["test"]
     assert set(report) == {"overall", "add", "pluralise"} and report["add"]["examples"] == 3
     assert 0 <= report["overall"]["exact_match"] <= 1 and 0 <= report["overall"]["rouge_l"] <= 1
+
+
+def modulo_2_records(folder: Path) -> list[str]:
+    """Train and test files of "What is the number modulo 2?" for 10-99: 20 held-out numbers (10 even, 10 odd), the
+    other 70 three times each for training."""
+    numbers = list(range(10, 100))
+    random.Random(0).shuffle(numbers)
+    lines = [json.dumps({"instruction": "What is the number modulo 2?", "input": str(n), "output": str(n % 2)})
+             for n in numbers]
+    train = write_jsonl(folder / "train.jsonl", lines[20:] * 3)
+    test = write_jsonl(folder / "test.jsonl", lines[:20])
+    return ["--train_file", str(train), "--test_file", str(test), "--per_device_train_batch_size", "8",
+            "--learning_rate", "3e-2", "--warmup_steps", "0", "--lora_r", "4", "--train_embeddings", "--seed", "5",
+            "--max_new_tokens", "2", "--max_steps", "30"]
+
+
+def test_instruction_tuning_raises_exact_match_above_the_untuned_model(base, tmp_path):
+    """30 seeded LoRA steps on "What is the number modulo 2?": held-out exact match 0.5 against the untuned model's
+    0.0, on the same 20 instances, scored by the same `evaluate_generation`. The tiny random base learns the answer's
+    form (one digit, then eos), not parity: it answers 1 throughout, right on the 10 odd numbers; with two balanced
+    answers any such answer scores 0.5 (with count_words' eight the score hangs on which number it settles on). With
+    the shared loop climbing the loss (`loss = -self.compute_loss(...)` in `TrainingLoop.micro_step`) the tuned
+    model scores 0.0."""
+    from gpt2_scratch import GPT2ScratchForCausalLM
+    from gpt2_scratch.data import check_data_arguments
+    from gpt2_scratch.instruction import evaluate_generation, load_instructions, tokenize_instructions
+    from gpt2_scratch.training import make_accelerator
+
+    settings = ["--model_name_or_path", str(base), *modulo_2_records(tmp_path)]
+    result = training_script("finetune_instruction_lora.py", [*settings, "--output_dir", str(tmp_path / "tuned")])
+    assert_ok(result)
+    tuned = json.loads((tmp_path / "tuned" / "metrics.json").read_text())["test"]["overall"]
+    tuned_rows = [json.loads(line) for line in (tmp_path / "tuned" / "eval_predictions.jsonl").read_text().splitlines()]
+
+    args = build_parser().parse_args([*settings, "--output_dir", str(tmp_path / "untuned")])
+    check_data_arguments(args)
+    reset_accelerate()
+    accelerator = make_accelerator(args)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = GPT2ScratchForCausalLM.from_pretrained(base).eval()
+    test = tokenize_instructions(load_instructions(args)["test"], tokenizer, model.config.context_length, True,
+                                 "test", accelerator)
+    untuned, rows = evaluate_generation(model, tokenizer, test, args, accelerator)
+    assert [(r["input"], r["reference"]) for r in rows] == [(r["input"], r["reference"]) for r in tuned_rows]
+    assert tuned["examples"] == untuned["overall"]["examples"] == 20
+    assert tuned["exact_match"] >= untuned["overall"]["exact_match"] + 0.4, (tuned, untuned["overall"], tuned_rows)
 
 
 def answered(tuned: Path) -> dict:
