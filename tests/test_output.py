@@ -49,6 +49,8 @@ def test_saving_a_checkpoint_says_nothing_of_the_tied_head(tmp_path, caplog):
 
 def test_the_commands_turn_off_library_progress_bars():
     try:
+        datasets.enable_progress_bars()  # whatever an earlier command in this process left
+        transformers_logging.enable_progress_bar()
         terminal = io.StringIO()
         terminal.isatty = lambda: True
         quiet_library_progress(terminal)
