@@ -13,7 +13,6 @@ Not a test: numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,9 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 from gpt2_scratch.explore import Explorer, Views, load_explorer
+from gpt2_scratch.loading import quiet_library_progress
 from gpt2_scratch.sources import shakespeare_text
 from gpt2_scratch.tokenizer import load_gpt2_tokenizer
 
@@ -69,7 +70,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 def browser_round_trip(explorer: Explorer, repeats: int, screenshot: str | None) -> float:
-    """Median seconds from clicking Run with a fresh prompt until Chromium shows all six views of it."""
+    """Median seconds, timed inside Chromium, from clicking Run with a fresh prompt until all six views show it."""
     import socket
 
     from playwright.sync_api import sync_playwright
@@ -81,7 +82,18 @@ def browser_round_trip(explorer: Explorer, repeats: int, screenshot: str | None)
         port = probe.getsockname()[1]
     app = build_app(explorer)
     url = launch(app, "127.0.0.1", port)
-    changed = f"old => old.every((html, i) => document.getElementById({json.dumps(VIEWS)}[i]).innerHTML !== html)"
+    # Timed in the page: Gradio marks each view "pending" from the click until its new HTML is in; a MutationObserver
+    # notes when none is pending any more and all six differ from before. (Polling from Playwright instead would
+    # re-serialise the 300 KB heatmap every frame and time itself.)
+    watch = """([views, before]) => { const start = performance.now(); window.gxDone = null;
+      const pending = views.map(view => `#${view} .pending`).join(", ");
+      new MutationObserver((_, observer) => {
+        const same = (view, i) => document.getElementById(view).innerHTML === before[i];
+        if (document.querySelector(pending) || views.some(same)) return;
+        window.gxDone = performance.now() - start;
+        observer.disconnect();
+      }).observe(document.body, {subtree: true, childList: true, attributes: true});
+      document.getElementById("gx-run").click(); }"""
     seconds = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
@@ -91,10 +103,9 @@ def browser_round_trip(explorer: Explorer, repeats: int, screenshot: str | None)
         for text in prompts(explorer, repeats + 1)[1:]:
             before = [page.inner_html(f"#{view}") for view in VIEWS]
             page.fill("#gx-prompt textarea", text)
-            start = time.perf_counter()
-            page.click("#gx-run")
-            page.wait_for_function(changed, arg=before, timeout=120_000)
-            seconds.append(time.perf_counter() - start)
+            page.evaluate(watch, [VIEWS, before])
+            page.wait_for_function("window.gxDone !== null", timeout=120_000)
+            seconds.append(page.evaluate("window.gxDone") / 1000)
         if screenshot:
             page.fill("#gx-prompt textarea", DEFAULT_PROMPT)
             page.click("#gx-run")
@@ -118,6 +129,8 @@ def main() -> int:
     if not (Path(args.demo) / "config.json").is_file():
         print(f"{args.demo}: no model there; run `make demo` first (or --demo DIR)", file=sys.stderr)
         return 2
+    quiet_library_progress()
+    transformers.logging.set_verbosity_error()  # cutting prompts from a long text warns about its length
     torch.manual_seed(0)
     small = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", qkv_bias=True))
     cases = [("demo model", load_explorer(args.demo), 0.5),
