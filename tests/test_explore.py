@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import runpy
 import select
 import shutil
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import tomllib
 import torch
 from conftest import (
     ROOT,
@@ -245,7 +245,7 @@ def served(trained):
         server.wait(timeout=30)
 
 
-def test_the_page_in_chromium_shows_the_models_numbers_and_the_run(served, trained, hub_id, tmp_path, monkeypatch):
+def test_the_page_in_chromium_shows_the_models_numbers_and_the_run(served, trained, tmp_path):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "Chromium is missing: `make test` installs it (apt-get install chromium)"
@@ -334,6 +334,25 @@ def test_the_page_in_chromium_shows_the_models_numbers_and_the_run(served, train
     with pytest.raises(urllib.error.HTTPError):  # the server hands out no file the page did not make
         urllib.request.urlopen(f"{served}gradio_api/file={trained / 'config.json'}", timeout=30)
 
-    monkeypatch.setenv("GPT2_SCRATCH_MODEL", hub_id)  # the Space's app.py, for a model its settings name
-    space = runpy.run_path(str(ROOT / "space" / "app.py"), run_name="space_app")
-    assert hub_id in space["app"].title
+
+
+def test_the_space_runs_from_its_two_files_and_a_copy_of_the_package(hub_id, tmp_path, monkeypatch):
+    """A Space holds app.py, requirements.txt and the gpt2_scratch/ folder; app.py builds the page for the model its
+    variable names, importing the copied package (Python looks beside the script before site-packages)."""
+    space = tmp_path / "space"
+    shutil.copytree(ROOT / "space", space)
+    shutil.copytree(ROOT / "gpt2_scratch", space / "gpt2_scratch", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("GPT2_SCRATCH_MODEL", hub_id)
+    code = ("import runpy, gpt2_scratch; app = runpy.run_path('app.py', run_name='space')['app']; "
+            "print(gpt2_scratch.__file__); print(app.title)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=space, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    package, title = done.stdout.strip().splitlines()[-2:]
+    assert Path(package).parent == space / "gpt2_scratch" and hub_id in title
+
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = [line for line in (space / "requirements.txt").read_text().splitlines()
+              if line and not line.startswith(("#", "--"))]
+    assert listed[0] == "torch==2.13.0"  # the CPU build, from the index line above it
+    assert listed[1:] == [d for d in wanted["dependencies"] if not d.startswith("torch")] + \
+        wanted["optional-dependencies"]["explore"]
