@@ -9,6 +9,10 @@ import os
 
 # Never reach for the Hub from tests (set before transformers and huggingface_hub read it at import).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under `pytest -n N` the workers share the cores: each takes its share of threads, and so do the scripts it starts
+# (torch's default, every core in every worker, oversubscribes them). Set before torch reads it at import.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import runpy
 import socket

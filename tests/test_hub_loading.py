@@ -76,7 +76,8 @@ def test_causal_lm_and_pipeline_load_in_a_process_without_the_package(tmp_path, 
         assert type(model).__name__ == "GPT2ScratchForCausalLM", type(model)
         assert "transformers_modules" in type(model).__module__
         with torch.no_grad():
-            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=1e-6, rtol=0)
+            # Recorded with 2 threads: another thread count sums in another order (2.4e-6 apart with one thread).
+            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=1e-5, rtol=0)
             generated = model.generate(expected["ids"], max_new_tokens=10, min_new_tokens=10, do_sample=False)
         assert torch.equal(generated, expected["generated"])
         generator = pipeline("text-generation", model=folder, trust_remote_code=True)
@@ -139,6 +140,7 @@ def test_a_folder_saved_by_release_0_1_loads_with_this_package(tmp_path):
     assert own_code is not GPT2ScratchForCausalLM
     for model in (ours, theirs):
         with torch.no_grad():
-            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=1e-6, rtol=0)
+            # Recorded with 2 threads: another thread count sums in another order (2.4e-6 apart with one thread).
+            torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=1e-5, rtol=0)
             generated = model.generate(expected["ids"], max_new_tokens=8, min_new_tokens=8, do_sample=False)
         assert torch.equal(generated, expected["generated"])
