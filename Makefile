@@ -35,8 +35,10 @@ MUTANTS := 'gpt2_scratch.bpe.*' 'gpt2_scratch.metrics.*' 'gpt2_scratch.checkpoin
 	'gpt2_scratch.training.xǁLimitsǁ*' 'gpt2_scratch.training.x_check_numeric_arguments*' \
 	'gpt2_scratch.training.x_check_training_arguments*' 'gpt2_scratch.modeling_gpt2_scratch.*'
 
+# One OpenMP thread: mutmut forks each mutant's run from a process whose OpenMP pool is already up, and a forked
+# child that enters a parallel region hangs until the timeout (which would count as killed).
 mutation: $(VENV)/.installed
-	$(PY) -m mutmut run --max-children 2 $(MUTANTS)
+	OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children 2 $(MUTANTS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_model.py

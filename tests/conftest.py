@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.overrides import TorchFunctionMode
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
@@ -260,3 +262,16 @@ def openai_style_folder(stock: GPT2LMHeadModel, path: Path) -> Path:
         "vocab_size": config.vocab_size,
     })
     return path
+
+
+class AttentionCalls(TorchFunctionMode):
+    """The keyword arguments of every `F.scaled_dot_product_attention` call made while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls.append(kwargs or {})
+        return func(*args, **(kwargs or {}))

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_compiled_module
-from conftest import ROOT, TEXT, assert_clear_failure, assert_ok, tiny_config, training_script
+from conftest import ROOT, TEXT, AttentionCalls, assert_clear_failure, assert_ok, tiny_config, training_script
 from safetensors.torch import load_file
-from torch.overrides import TorchFunctionMode
 
 from gpt2_scratch import GPT2ScratchForCausalLM
 from gpt2_scratch.convert import to_hf
@@ -133,19 +131,6 @@ def test_what_the_loop_sets_on_cuda():
     assert build_optimizers(model, args)[0].defaults["fused"] is None
     muon, adamw = build_optimizers(model, argparse.Namespace(**{**vars(args), "optimizer": "muon"}), fused=True)
     assert adamw.defaults["fused"] is True and "fused" not in muon.defaults
-
-
-class AttentionCalls(TorchFunctionMode):
-    """The keyword arguments of every `F.scaled_dot_product_attention` call made while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[dict] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.calls.append(kwargs or {})
-        return func(*args, **(kwargs or {}))
 
 
 def test_training_attention_is_what_the_flash_kernel_takes():
