@@ -64,6 +64,13 @@ def tiny_config(**overrides) -> GPT2ScratchConfig:
     return GPT2ScratchConfig(**{**fields, **overrides})
 
 
+def tiny_pretraining(**flags: object) -> list[str]:
+    """training/pretrain.py's flags for a model trained in seconds (the cpu-1m preset cut down), plus `flags`."""
+    every = {"preset": "cpu-1m", "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+             "tokenizer_vocab_size": 300, "per_device_train_batch_size": 4, **flags}
+    return [item for name, value in every.items() for item in (f"--{name}", str(value))]
+
+
 def randomised(model: GPT2ScratchForCausalLM, seed: int = 1) -> GPT2ScratchForCausalLM:
     """Every tensor drawn with a real spread: GPT-2's init leaves biases at zero, norms at one and the logits nearly
     flat (a spread of ~0.14), where a block or its attention left out barely moves the loss or a bf16 tolerance."""

@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import is_compiled_module
-from conftest import ROOT, TEXT, AttentionCalls, assert_clear_failure, assert_ok, tiny_config, training_script
+from conftest import (
+    ROOT,
+    TEXT,
+    AttentionCalls,
+    assert_clear_failure,
+    assert_ok,
+    tiny_config,
+    tiny_pretraining,
+    training_script,
+)
 from safetensors.torch import load_file
 
 from gpt2_scratch import GPT2ScratchForCausalLM
@@ -31,10 +40,8 @@ from gpt2_scratch.training import (
 )
 
 # No dropout: compiled dropout draws other random numbers than eager dropout, and the curves are compared step by step.
-TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "1",
-        "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-        "--warmup_steps", "2", "--logging_steps", "1", "--seed", "7", "--drop_rate", "0.0", "--max_steps", "4",
-        "--save_steps", "2"]
+TINY = tiny_pretraining(n_layers=1, learning_rate="3e-3", warmup_steps=2, logging_steps=1, seed=7, drop_rate=0.0,
+                        max_steps=4, save_steps=2)
 
 
 @pytest.fixture(scope="module")

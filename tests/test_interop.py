@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TEXT, assert_ok, run_without_package, without_package
+from conftest import TEXT, assert_ok, run_without_package, tiny_pretraining, without_package
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,9 +25,8 @@ from gpt2_scratch.data import token_byte_lengths
 from gpt2_scratch.pretraining import build_parser, language_model_evaluator, run
 
 CONTEXT = 64
-TINY = ["--preset", "cpu-1m", "--context_length", str(CONTEXT), "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
-        "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
-        "--warmup_steps", "2", "--logging_steps", "5", "--seed", "7", "--drop_rate", "0.0"]
+TINY = tiny_pretraining(context_length=CONTEXT, learning_rate="1e-2", warmup_steps=2, logging_steps=5, seed=7,
+                        drop_rate=0.0)
 SENTENCES = TEXT.split(". ")[:2]  # the two sentences TEXT repeats
 TEST_TEXT = "To be, or not to be, that is the question. To take arms against a sea of troubles and end them.\n" * 3
 

@@ -21,6 +21,7 @@ from conftest import (
     run_without_package,
     steady_clock,
     tiny_config,
+    tiny_pretraining,
     training_script,
 )
 from safetensors.torch import load_file
@@ -30,9 +31,7 @@ from gpt2_scratch.checkpoints import latest_checkpoint, write_manifest
 from gpt2_scratch.hub import push_folder
 from gpt2_scratch.pretraining import Recipe, build_parser, recipe_arguments
 
-TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
-        "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-        "--warmup_steps", "2", "--logging_steps", "2", "--seed", "7", "--drop_rate", "0.1"]
+TINY = tiny_pretraining(learning_rate="3e-3", warmup_steps=2, logging_steps=2, seed=7, drop_rate=0.1)
 
 
 @pytest.fixture(scope="module")

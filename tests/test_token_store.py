@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TEXT, assert_ok, tiny_config, training_script
+from conftest import TEXT, assert_ok, tiny_config, tiny_pretraining, training_script
 from datasets import Dataset
 from tokenizers import models
 
@@ -176,8 +176,7 @@ def test_the_evaluator_scores_the_first_max_eval_samples_windows_in_chunks(monke
         assert first(model)["eval/bits_per_byte"] == pytest.approx(expected / np.log(2), rel=1e-5)
 
 
-TINY = ["--preset", "cpu-1m", "--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
-        "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3"]
+TINY = tiny_pretraining(logging_steps=1, seed=3)
 
 
 def test_max_eval_samples_bounds_the_score_and_says_what_it_covered(tmp_path):
