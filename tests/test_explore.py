@@ -335,7 +335,6 @@ def test_the_page_in_chromium_shows_the_models_numbers_and_the_run(served, train
         urllib.request.urlopen(f"{served}gradio_api/file={trained / 'config.json'}", timeout=30)
 
 
-
 def test_the_space_runs_from_its_two_files_and_a_copy_of_the_package(hub_id, tmp_path, monkeypatch):
     """A Space holds app.py, requirements.txt and the gpt2_scratch/ folder; app.py builds the page for the model its
     variable names, importing the copied package (Python looks beside the script before site-packages)."""
